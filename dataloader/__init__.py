@@ -1,0 +1,16 @@
+"""Datasets (builtin shapes, MNIST, Fashion-MNIST, CIFAR-10, image folders) and loaders for training."""
+
+from .datasets import build_dataset, num_classes_of
+from .errors import BadImageError, DataError, DatasetFormatError, DatasetNotFoundError
+from .loader import build_loader, infinite_batches
+
+__all__ = [
+    "BadImageError",
+    "DataError",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "build_dataset",
+    "build_loader",
+    "infinite_batches",
+    "num_classes_of",
+]

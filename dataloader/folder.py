@@ -1,0 +1,209 @@
+"""Any folder of images as a dataset: recursive, optional class subfolders, resize + center crop.
+
+Files with the extensions in ``EXTENSIONS`` are collected recursively (symlinked folders followed,
+names starting with '.' ignored) and sorted by path. With ``class_labels`` each image's class is the
+name of its top-level subfolder (classes sorted by name; both splits share one mapping).
+
+Splits: when ``root`` holds ``train/`` and ``test/`` (or ``val/``) folders, those are the splits and
+the test split keeps ``eval_samples`` images spread evenly over its sorted paths (0 = all). Otherwise
+the test split is held out of the one folder: ``min(eval_samples, 10% of the images)`` images (10%
+when ``eval_samples`` is 0), at evenly spaced positions of the sorted list so every class subfolder
+contributes; the train split is the rest. A folder of fewer than 10 images uses all images for both.
+A ``train/`` folder without a ``test/`` or ``val/`` sibling is an ordinary subfolder.
+
+Every image becomes 8-bit grayscale or RGB: 16-bit grayscale is scaled to 8 bits (65535 -> 255;
+a 32-bit integer image counts as 16-bit when a value exceeds 255), palette and transparent images
+are composited over white, EXIF rotation is applied. The shorter side is resized to ``image_size``
+(bicubic, antialiased when shrinking; images smaller than the crop are upscaled the same way), then
+the centre square is cropped.
+
+Unreadable files (corrupt, truncated, not an image) raise ``BadImageError`` naming the file when they
+are loaded. With ``skip_bad_images`` such a file is reported once by a warning with a running count,
+remembered, and replaced by the next readable image in the list; nothing is pre-scanned, so start-up
+stays instant for large folders. The count is per process (each DataLoader worker warns for itself).
+"""
+
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from .errors import BadImageError, DatasetFormatError, DatasetNotFoundError
+from .transforms import random_hflip, to_tensor
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+HELD_OUT_EVERY = 10  # without split folders, at most one image in this many goes to the test split
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursive, sorted, hidden names skipped)."""
+    found = []
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        found.extend(Path(directory, f) for f in files
+                     if not f.startswith(".") and os.path.splitext(f)[1].lower() in EXTENSIONS)
+    return sorted(found)
+
+
+def to_8bit(image: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL image to 8-bit 'L' (channels 1) or 'RGB' (channels 3)."""
+    if image.mode in _SIXTEEN_BIT:
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode != "I" or values.max() > 255:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in _ALPHA:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` (up or down) and crop the centre ``size`` x ``size`` square."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
+    """Decode, convert and crop one file to a [C,H,W] tensor in [-1, 1]; BadImageError if unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.draft(None, (image_size, image_size))
+            image.load()
+            image = to_8bit(ImageOps.exif_transpose(image), channels)
+    except _DECODE_ERRORS as err:
+        raise BadImageError(f"cannot read image '{path}' ({type(err).__name__}: {err}). Replace or delete the "
+                            f"file, or set data.skip_bad_images: true to skip unreadable images.") from err
+    return to_tensor(np.asarray(resize_center_crop(image, image_size)))
+
+
+class FolderDataset(Dataset):
+    """Images at ``paths`` with integer ``labels``; see the module docstring for conversion and errors."""
+
+    def __init__(self, paths: list[Path], labels: list[int], class_names: list[str], image_size: int,
+                 channels: int, augment: bool = False, skip_bad_images: bool = False, root: str | Path = "") -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels.")
+        self.paths = paths
+        self.labels = labels
+        self.class_names = class_names
+        self.num_classes = len(class_names)
+        self.image_size = image_size
+        self.channels = channels
+        self.augment = augment
+        self.skip_bad_images = skip_bad_images
+        self.root = Path(root)
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        size = f"{self.image_size}x{self.image_size}x{self.channels}"
+        return f"FolderDataset('{self.root}': {len(self)} images, {size}, {self.num_classes} classes)"
+
+    @property
+    def bad_images(self) -> list[Path]:
+        """Unreadable files met so far in this process (only grows with ``skip_bad_images``)."""
+        return [self.paths[i] for i in sorted(self._bad)]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        count = len(self.paths)
+        for step in range(count):
+            position = (index + step) % count
+            if position in self._bad:
+                continue
+            try:
+                image = load_image(self.paths[position], self.image_size, self.channels)
+            except BadImageError as err:
+                if not self.skip_bad_images:
+                    raise
+                self._bad.add(position)
+                warnings.warn(f"skipping unreadable image #{len(self._bad)} of this process, using the next "
+                              f"readable one instead: {err}", stacklevel=2)
+                continue
+            if self.augment:
+                image = random_hflip(image)
+            return image, self.labels[position]
+        raise BadImageError(f"none of the {count} images under '{self.root}' can be read.")
+
+
+def _split_dirs(root: Path) -> tuple[Path, Path] | None:
+    if not (root / "train").is_dir():
+        return None
+    for name in ("test", "val"):
+        if (root / name).is_dir():
+            return root / "train", root / name
+    return None
+
+
+def _spread(count: int, keep: int) -> list[int]:
+    """``keep`` evenly spaced positions among ``count`` (all when keep covers them)."""
+    if keep >= count:
+        return list(range(count))
+    return [(2 * k + 1) * count // (2 * keep) for k in range(keep)]
+
+
+def _listed(directory: Path) -> list[Path]:
+    paths = list_images(directory)
+    if not paths:
+        raise DatasetNotFoundError(f"no images found in '{directory}' (searched recursively for "
+                                   f"{', '.join(EXTENSIONS)}; names starting with '.' are ignored). "
+                                   f"Point data.root at a folder of images.")
+    return paths
+
+
+def _class_of(path: Path, base: Path) -> str:
+    parts = path.relative_to(base).parts
+    if len(parts) < 2:
+        raise DatasetFormatError(f"'{path}' lies directly in '{base}' but data.class_labels is true: put every "
+                                 f"image in a subfolder named after its class, or set data.class_labels: false.")
+    return parts[0]
+
+
+def load_folder(root: str | Path, split: str, image_size: int, channels: int, class_labels: bool = False,
+                eval_samples: int = 0, augment: bool = False, skip_bad_images: bool = False) -> FolderDataset:
+    """The ``split`` ('train' or 'test') of an image folder, split as described in the module docstring."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"image folder '{root}' does not exist (or is not a folder). Set data.root to a "
+                                   f"folder of images ({', '.join(EXTENSIONS)}; searched recursively).")
+    dirs = _split_dirs(root)
+    if dirs is not None:
+        train_dir, test_dir = dirs
+        train = [(p, train_dir) for p in _listed(train_dir)]
+        test = [(p, test_dir) for p in _listed(test_dir)]
+        every = train + test
+        test = [test[i] for i in _spread(len(test), eval_samples if eval_samples > 0 else len(test))]
+    else:
+        every = [(p, root) for p in _listed(root)]
+        keep = len(every) // HELD_OUT_EVERY
+        if eval_samples > 0:
+            keep = min(keep, eval_samples)
+        held = set(_spread(len(every), keep))
+        test = [every[i] for i in sorted(held)] or every
+        train = [item for i, item in enumerate(every) if i not in held]
+    chosen = train if split == "train" else test
+    names: list[str] = []
+    labels = [0] * len(chosen)
+    if class_labels:
+        names = sorted({_class_of(p, base) for p, base in every})
+        index = {name: i for i, name in enumerate(names)}
+        labels = [index[_class_of(p, base)] for p, base in chosen]
+    return FolderDataset([p for p, _ in chosen], labels, names, image_size, channels, augment, skip_bad_images,
+                         root)

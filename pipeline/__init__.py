@@ -1,0 +1,1 @@
+"""Glue shared by the scripts: rebuilding models from checkpoints and tokenising datasets."""

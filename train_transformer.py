@@ -1,0 +1,207 @@
+"""Stage 2: train a GPT prior over the codes of a trained VQGAN.
+
+    python train_transformer.py --config configs/quickstart_transformer.yaml \\
+        --vqgan runs/quickstart/checkpoints/last.pt [--run-dir DIR] [--resume] [key=value ...]
+
+The training images are tokenised once by the frozen VQGAN and cached in ``.cache/tokens/``
+(keyed by the stage-1 checkpoint and the data config); training then reads only the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import TensorDataset
+
+from dataloader import build_loader, infinite_batches
+from pipeline.loading import load_vqgan
+from pipeline.tokens import tokenize_dataset
+from transformer import VQGANPrior
+from utils.checkpoint import (
+    load_checkpoint,
+    load_state_dict_checked,
+    save_checkpoint,
+    set_rng_state,
+    training_checkpoint,
+)
+from utils.config import Stage2Config, load_config, save_config, to_dict
+from utils.distributed import barrier, init_distributed, shutdown_distributed, wrap_ddp
+from utils.logging import MetricsLogger
+from utils.plots import plot_training_curves, save_grid
+from utils.trainer import (
+    LoopSettings,
+    autocast,
+    autocast_dtype,
+    configure_backends,
+    count_parameters,
+    default_run_dir,
+    describe_environment,
+    first_nonfinite,
+    lr_factor,
+    make_adam,
+    prepare_run_dir,
+    resolve_device,
+    run_loop,
+    set_lr,
+    set_seed,
+    training_parser,
+)
+
+KIND = "transformer"
+METRIC_COLUMNS = ["lr", "loss", "bits_per_token", "grad_norm", "items_per_s", "bad_steps"]
+PLOT_GROUPS = {"prior": ["loss", "bits_per_token", "lr"]}
+TOKEN_CACHE = Path(".cache") / "tokens"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = training_parser(__doc__)
+    parser.add_argument("--vqgan", required=True, help="stage-1 checkpoint (runs/<name>/checkpoints/last.pt)")
+    args = parser.parse_args(argv)
+    cfg = load_config(Stage2Config, args.config, args.overrides)
+    for warning in cfg.validate():
+        print(f"warning: {warning}", file=sys.stderr)
+    device_type = "cuda" if cfg.train.device.startswith("cuda") or (
+        cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
+    info = init_distributed(device_type)
+    try:
+        train(cfg, default_run_dir(args.config, args.run_dir), args, info)
+    finally:
+        shutdown_distributed()
+
+
+def train(cfg: Stage2Config, run_dir: Path, args, info) -> None:
+    device = resolve_device(cfg.train.device, info)
+    configure_backends(device)
+    config_dict = to_dict(cfg)
+    resume_state = None
+    if info.is_main:
+        resume_state = prepare_run_dir(run_dir, config_dict, resume=args.resume, force=args.force, kind=KIND)
+    if info.enabled:
+        flag = [resume_state is not None]
+        dist.broadcast_object_list(flag, src=0)
+        if flag[0] and not info.is_main:
+            resume_state = load_checkpoint(run_dir / "checkpoints" / "last.pt", kind=KIND)
+    set_seed(cfg.train.seed + info.rank)
+
+    vqgan, vqgan_state = load_vqgan(args.vqgan, device)
+    tokens = None
+    if info.is_main:
+        tokens = tokenize_dataset(vqgan, cfg.data, args.vqgan, TOKEN_CACHE, device)
+    barrier()
+    if tokens is None:
+        tokens = tokenize_dataset(vqgan, cfg.data, args.vqgan, TOKEN_CACHE, device)
+    indices, labels = tokens["indices"].long(), tokens["labels"].long()
+    num_classes = int(tokens["num_classes"])
+    if cfg.transformer.class_conditional and num_classes < 2:
+        raise ValueError(f"transformer.class_conditional=true but the dataset '{cfg.data.name}' has no class labels. "
+                         f"Set transformer.class_conditional=false (or data.class_labels=true for a folder with "
+                         f"one subfolder per class).")
+
+    prior = VQGANPrior(vqgan, **dataclasses.asdict(cfg.transformer),
+                       num_classes=num_classes if cfg.transformer.class_conditional else 0).to(device)
+    optimizer = make_adam(prior.param_groups(cfg.train.weight_decay), cfg.train.lr, cfg.train.betas, 0.0, device)
+    start_step = 0
+    if resume_state is not None:
+        load_state_dict_checked(prior.gpt, resume_state["model"], str(run_dir / "checkpoints" / "last.pt"))
+        optimizer.load_state_dict(resume_state["optimizer"])
+        set_rng_state(resume_state["rng"])
+        start_step = resume_state["step"]
+
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        h, w = prior.latent_size
+        print("\n".join([
+            "GPT prior (stage 2)", f"  run folder   {run_dir}",
+            f"  device       {describe_environment(device, info)}",
+            f"  stage 1      {args.vqgan} ({prior.codebook_size} codes, {h}x{w} tokens)",
+            f"  data         {len(indices)} token sequences, {num_classes} classes",
+            f"  gpt          {count_parameters(prior.gpt) / 1e6:.2f}M params, {cfg.transformer.n_layer} layers",
+            f"  steps        {cfg.train.max_steps} x batch {cfg.train.batch_size}"
+            + (f" (resumed at {start_step})" if start_step else "")]))
+
+    train_prior = wrap_ddp(prior, info, device)
+    if cfg.train.compile:
+        train_prior = torch.compile(train_prior)
+    loader = build_loader(TensorDataset(indices, labels), cfg.train.batch_size, shuffle=True,
+                          device_type=device.type, seed=cfg.train.seed, distributed=info.enabled)
+    batches = infinite_batches(loader, start_step=start_step * cfg.train.grad_accum)
+    amp_dtype = autocast_dtype(device, cfg.train.precision)
+    checkpoint_dir = run_dir / "checkpoints"
+    logger = MetricsLogger(run_dir, METRIC_COLUMNS, resume_step=start_step or None) if info.is_main else None
+    sample_labels = torch.arange(cfg.train.num_sample_images) % num_classes \
+        if prior.class_conditional else None
+
+    def train_step(step: int) -> dict[str, float]:
+        lr = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.lr_schedule,
+                                      cfg.train.min_lr_ratio)
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.train.grad_accum):
+            x, y = next(batches)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device) if prior.class_conditional else None
+            with autocast(device, amp_dtype):
+                loss = train_prior(x, y)
+            (loss / cfg.train.grad_accum).backward()
+            total += loss.item() / cfg.train.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(prior.gpt.parameters(),
+                                                   cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
+        bad = first_nonfinite({"loss": total}) or (None if torch.isfinite(grad_norm) else "gradient")
+        if bad is not None:
+            optimizer.zero_grad(set_to_none=True)
+            return {"nonfinite": bad}
+        optimizer.step()
+        return {"lr": lr, "loss": total, "bits_per_token": total / math.log(2), "grad_norm": float(grad_norm)}
+
+    def save(step: int, periodic: bool) -> None:
+        if not info.is_main:
+            return
+        state = training_checkpoint(KIND, step, config_dict, model=prior.gpt.state_dict(),
+                                    prior_config=prior.config, vqgan=vqgan_state["model"],
+                                    vqgan_config=vqgan_state["model_config"], optimizer=optimizer.state_dict())
+        save_checkpoint(state, checkpoint_dir / "last.pt")
+        if periodic:
+            save_checkpoint(state, checkpoint_dir / f"step_{step:06d}.pt")
+
+    def log(step: int, values: dict[str, float]) -> None:
+        if logger is not None:
+            logger.log(step, {k: v for k, v in values.items() if k in METRIC_COLUMNS})
+
+    def sample(step: int) -> None:
+        if not info.is_main:
+            return
+        prior.eval()
+        generator = torch.Generator(device).manual_seed(cfg.train.seed)
+        with autocast(device, amp_dtype):
+            _, images = prior.sample(cfg.train.num_sample_images, sample_labels, temperature=cfg.sample.temperature,
+                                     top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
+                                     cfg_scale=cfg.sample.cfg_scale if prior.class_conditional else 1.0,
+                                     generator=generator)
+        prior.train()
+        save_grid(images, run_dir / "samples" / f"step_{step:06d}.png", nrow=min(8, len(images)))
+        plot_training_curves(run_dir / "metrics.csv", run_dir / "plots", PLOT_GROUPS)
+
+    settings = LoopSettings(start_step=start_step, max_steps=cfg.train.max_steps, log_every=cfg.train.log_every,
+                            sample_every=cfg.train.sample_every, ckpt_every=cfg.train.ckpt_every,
+                            max_bad_steps=cfg.train.max_bad_steps, desc="stage 2", checkpoint_dir=checkpoint_dir,
+                            postfix_keys=("loss", "items_per_s"))
+    prior.train()
+    try:
+        step = run_loop(settings, info, device, train_step=train_step, save=save, log=log, sample=sample,
+                        items_per_step=cfg.train.batch_size * cfg.train.grad_accum * prior.seq_len * info.world_size)
+        if info.is_main and step > start_step:
+            sample(step)
+            print(f"done: {step} steps. Checkpoint {checkpoint_dir / 'last.pt'}")
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+if __name__ == "__main__":
+    main()

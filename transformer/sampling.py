@@ -1,0 +1,105 @@
+"""Autoregressive sampling from a GPT: temperature, top-k, top-p, classifier-free guidance.
+
+``sample_tokens`` decodes a batch with the model's KV cache (one new position per step) or, as
+the straightforward reference, by recomputing the whole sequence every step. Both give the same
+tokens for the same generator state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from transformer.gpt import GPT
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top ``k`` and outside the nucleus of mass ``p``.
+
+    Top-k keeps the ``k`` largest logits of each row. Top-p (applied after top-k) keeps the
+    smallest set of most likely tokens whose probability sums to at least ``p``; the most likely
+    token always survives. ``None`` disables a filter.
+    """
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}.")
+        if top_k < logits.shape[-1]:
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            keep.scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
+            logits = logits.masked_fill(~keep, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of ``probs`` [B, V]; drawn on the generator's device when it has one."""
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator)
+    return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+
+
+@torch.no_grad()
+def sample_tokens(gpt: GPT, prefix: torch.Tensor, num_tokens: int, *, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
+                  uncond_prefix: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  use_cache: bool = True) -> torch.Tensor:
+    """Sample ``num_tokens`` tokens [B, num_tokens] after ``prefix`` [B, P].
+
+    With ``cfg_scale != 1`` the conditional ``prefix`` and ``uncond_prefix`` (same shape) run as
+    one doubled batch and the next-token logits are ``uncond + cfg_scale * (cond - uncond)``.
+    ``use_cache=False`` recomputes the full sequence at every step (slow reference path). The
+    model is put in eval mode while sampling and restored afterwards.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be at least 1, got {num_tokens}.")
+    guided = cfg_scale != 1.0
+    if guided:
+        if uncond_prefix is None or uncond_prefix.shape != prefix.shape:
+            raise ValueError("cfg_scale != 1 needs an uncond_prefix of the same shape as prefix.")
+        prefix = torch.cat([prefix, uncond_prefix])
+    was_training = gpt.training
+    gpt.eval()
+    try:
+        return _decode(gpt, prefix, num_tokens, temperature, top_k, top_p, cfg_scale if guided else None,
+                       generator, use_cache)
+    finally:
+        gpt.train(was_training)
+
+
+def _decode(gpt: GPT, prefix: torch.Tensor, num_tokens: int, temperature: float, top_k: int | None,
+            top_p: float | None, cfg_scale: float | None, generator: torch.Generator | None,
+            use_cache: bool) -> torch.Tensor:
+    """The sampling loop of :func:`sample_tokens`; ``prefix`` is already doubled when ``cfg_scale`` is set."""
+    batch = prefix.shape[0]
+    out = prefix.new_empty(batch // 2 if cfg_scale is not None else batch, num_tokens)
+    cache = gpt.new_cache(batch, prefix.shape[1] + num_tokens - 1) if use_cache else None
+    seq = prefix
+    logits = gpt.forward_with_cache(prefix, cache) if use_cache else gpt(prefix)[0]
+    for i in range(num_tokens):
+        step = logits[:, -1].float()
+        if cfg_scale is not None:
+            cond, uncond = step.chunk(2)
+            step = uncond + cfg_scale * (cond - uncond)
+        step = filter_logits(step / temperature, top_k, top_p)
+        token = _draw(step.softmax(dim=-1), generator)
+        out[:, i:i + 1] = token
+        if i + 1 == num_tokens:
+            break
+        if cfg_scale is not None:
+            token = token.repeat(2, 1)
+        if use_cache:
+            logits = gpt.forward_with_cache(token, cache)
+        else:
+            seq = torch.cat([seq, token], dim=1)
+            logits = gpt(seq)[0]
+    return out

@@ -1,0 +1,123 @@
+"""Checkpoints: plain dicts written atomically and read back with ``weights_only=True``.
+
+A checkpoint holds tensors and plain Python values only (config as a dict, step, RNG states,
+optimizer states), so opening one cannot run code. Writes go to a temporary file that is flushed,
+fsync'd and renamed over the target, so a crash at any moment leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+KIND_HELP = {
+    "vqgan": "a stage-1 (VQGAN) checkpoint, written by train_vqgan.py",
+    "transformer": "a stage-2 (GPT prior) checkpoint, written by train_transformer.py",
+}
+
+
+class CheckpointError(RuntimeError):
+    """A file that cannot be used as the requested checkpoint."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename, fsync of the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def training_checkpoint(kind: str, step: int, config: dict[str, Any], **parts: Any) -> dict[str, Any]:
+    """The dict every training checkpoint shares (kind, format, step, config, RNG) plus ``parts``."""
+    return {"kind": kind, "format_version": FORMAT_VERSION, "step": step, "config": config,
+            "rng": rng_state(), **parts}
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely and check that it is of the expected ``kind``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist. Check the path (run folders keep them in "
+                              f"runs/<name>/checkpoints/last.pt).")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint '{path}' needs arbitrary code to unpickle and was refused for safety "
+            f"(only plain tensors and Python values are loaded). Re-save it as a plain state dict. Detail: {err}"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(
+            f"'{path}' is not a readable checkpoint (truncated or not written by torch.save): {err}. "
+            f"If training was interrupted, use the previous periodic checkpoint in the same folder."
+        ) from err
+    if not isinstance(state, dict) or "kind" not in state or "model" not in state:
+        raise CheckpointError(f"'{path}' is not a checkpoint of this project (no 'kind'/'model' entries).")
+    if kind is not None and state["kind"] != kind:
+        found = KIND_HELP.get(state["kind"], repr(state["kind"]))
+        raise CheckpointError(f"'{path}' is {found}, but {KIND_HELP.get(kind, kind)} is needed here.")
+    return state
+
+
+def load_state_dict_checked(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` that lists every missing, unexpected and mis-shaped key on mismatch."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state_dict)) if own[k].shape != state_dict[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"the weights in {source} do not match the model built from the config:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                shown = items[:10] + ([f"... and {len(items) - 10} more"] if len(items) > 10 else [])
+                lines.append(f"  {title}: " + "; ".join(shown))
+        lines.append("Use the config the checkpoint was trained with (it is stored inside the checkpoint).")
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(state_dict)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of Python and torch (CPU and CUDA) as plain values and tensors."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _python_state_to_plain(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_plain_to_python_state(state["python"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_plain(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _plain_to_python_state(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss

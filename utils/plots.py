@@ -1,0 +1,115 @@
+"""Pictures: image grids and matplotlib plots of training curves and codebook usage."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from utils.logging import read_metrics  # noqa: E402
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B,C,H,W] in [-1,1] -> uint8 [B,H,W,3] (grayscale repeated)."""
+    images = images.detach().float().cpu().clamp(-1, 1)
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
+    """Tile a batch of [-1,1] images into ``nrow`` columns with white padding."""
+    pixels = to_uint8(images)
+    count, height, width, _ = pixels.shape
+    rows = math.ceil(count / nrow)
+    grid = np.full((rows * (height + padding) + padding, nrow * (width + padding) + padding, 3), 255, np.uint8)
+    for i, image in enumerate(pixels):
+        top = padding + (i // nrow) * (height + padding)
+        left = padding + (i % nrow) * (width + padding)
+        grid[top:top + height, left:left + width] = image
+    return Image.fromarray(grid)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, min_size: int = 256) -> None:
+    """Save an image grid, upscaled with nearest neighbours so small images stay visible."""
+    grid = image_grid(images, nrow)
+    scale = max(1, math.ceil(min_size / max(grid.size)))
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def save_reconstruction_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, path: str | Path) -> None:
+    """Inputs in the top row(s), their reconstructions directly below."""
+    save_grid(torch.cat([inputs, reconstructions]), path, nrow=inputs.shape[0])
+
+
+def plot_training_curves(metrics_csv: str | Path, out_dir: str | Path,
+                         groups: dict[str, Sequence[str]]) -> list[Path]:
+    """One PNG per group of columns (e.g. losses, codebook usage) against step."""
+    metrics = read_metrics(metrics_csv)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    steps = metrics.get("step", [])
+    for title, columns in groups.items():
+        present = [c for c in columns if c in metrics and any(math.isfinite(v) for v in metrics[c])]
+        if not present or len(steps) < 1:
+            continue
+        fig, axes = plt.subplots(len(present), 1, figsize=(7, 2.2 * len(present)), sharex=True, squeeze=False)
+        for ax, column in zip(axes[:, 0], present):
+            ax.plot(steps, metrics[column], lw=1.2)
+            ax.set_ylabel(column)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = out_dir / f"{title.replace(' ', '_')}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_code_histogram(counts: torch.Tensor, path: str | Path, title: str = "codebook usage") -> None:
+    """Bar plot of code counts sorted from most to least used."""
+    sorted_counts = torch.sort(counts.float().cpu(), descending=True).values.numpy()
+    used = int((sorted_counts > 0).sum())
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar(np.arange(len(sorted_counts)), sorted_counts, width=1.0)
+    ax.set_xlabel("code rank")
+    ax.set_ylabel("count")
+    ax.set_title(f"{title}: {used}/{len(sorted_counts)} codes used")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_token_maps(images: torch.Tensor, indices: torch.Tensor, codebook_size: int, path: str | Path) -> None:
+    """Each image beside its index grid drawn in colour (one colour per code)."""
+    pixels = to_uint8(images)
+    count = len(pixels)
+    fig, axes = plt.subplots(count, 2, figsize=(4, 2 * count), squeeze=False)
+    for i in range(count):
+        axes[i, 0].imshow(pixels[i])
+        axes[i, 1].imshow(indices[i].cpu().numpy(), cmap="nipy_spectral", vmin=0, vmax=codebook_size - 1,
+                          interpolation="nearest")
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_title("image")
+    axes[0, 1].set_title("codes")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,250 @@
+"""Vector quantiser: nearest-code lookup with a straight-through gradient, plus options that keep codebooks alive.
+
+Options: cosine lookup (``l2_norm``), a low-dimensional lookup space (``codebook_dim``), EMA codebook
+updates (``ema``), re-seeding of dead codes from encoder outputs (``dead_code_steps``), and rolling
+usage statistics over the last ``usage_window`` training steps. All statistics live in registered
+buffers, so they are saved in and restored from ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuantizerOutput(NamedTuple):
+    """Result of :meth:`VectorQuantizer.forward`.
+
+    ``z_q`` is float32 [B, embed_dim, H, W] whatever the input dtype; ``loss`` is the scalar
+    codebook + commitment loss; ``indices`` is long [B, H, W]; ``perplexity`` is the perplexity of
+    this batch's code assignments (a float32 scalar tensor).
+    """
+
+    z_q: torch.Tensor
+    loss: torch.Tensor
+    indices: torch.Tensor
+    perplexity: torch.Tensor
+
+
+def usage_and_perplexity(counts: torch.Tensor) -> tuple[float, float]:
+    """Fraction of codes used at least once and ``exp(entropy)`` of a histogram of code counts.
+
+    ``counts`` has one entry per code. An empty histogram gives ``(0.0, 0.0)``.
+    """
+    counts = counts.detach().double().flatten()
+    total = counts.sum()
+    if total <= 0:
+        return 0.0, 0.0
+    probs = counts[counts > 0] / total
+    entropy = -(probs * probs.log()).sum()
+    return float((counts > 0).double().mean()), float(entropy.exp())
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+class VectorQuantizer(nn.Module):
+    """Map each spatial vector of ``z`` [B, embed_dim, H, W] to its nearest of ``codebook_size`` codes.
+
+    Loss: ``beta * ||z - sg(z_q)||^2 + ||sg(z) - z_q||^2`` (means over elements); beta weighs the
+    commitment term that trains the encoder. With ``ema=True`` the second term is dropped and the
+    codes follow exponential moving averages of the vectors assigned to them.
+
+    When ``codebook_dim`` is set, ``z`` is projected to that dimension by a 1x1 conv for the lookup
+    and the chosen code is projected back by another; codes are stored in the low dimension and
+    the loss is measured there. With ``l2_norm`` both vectors and codes are unit-normalised in the
+    lookup space, so the nearest code is the one of highest cosine similarity.
+
+    EMA updates, dead-code restarts and usage statistics happen in training mode only. Under
+    ``torch.distributed`` code counts and EMA sums are summed over ranks and re-seeded codes are
+    taken from rank 0, so all ranks keep identical codebooks.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        embed_dim: int,
+        codebook_dim: int | None = None,
+        l2_norm: bool = False,
+        beta: float = 0.25,
+        ema: bool = False,
+        ema_decay: float = 0.99,
+        ema_eps: float = 1e-5,
+        dead_code_steps: int = 0,
+        usage_window: int = 100,
+    ) -> None:
+        super().__init__()
+        if codebook_size < 1 or embed_dim < 1:
+            raise ValueError(f"codebook_size ({codebook_size}) and embed_dim ({embed_dim}) must be positive.")
+        if codebook_dim is not None and codebook_dim < 1:
+            raise ValueError(f"codebook_dim must be positive or None (no projection), got {codebook_dim}.")
+        if usage_window < 1:
+            raise ValueError(f"usage_window must be at least 1 step, got {usage_window}.")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}; 0.99 is a common choice.")
+        self.codebook_size = codebook_size
+        self.embed_dim = embed_dim
+        self.lookup_dim = codebook_dim if codebook_dim is not None else embed_dim
+        self.l2_norm = l2_norm
+        self.beta = beta
+        self.ema = ema
+        self.ema_decay = ema_decay
+        self.ema_eps = ema_eps
+        self.dead_code_steps = dead_code_steps
+        self.usage_window = usage_window
+
+        if codebook_dim is None:
+            self.project_in: nn.Module = nn.Identity()
+            self.project_out: nn.Module = nn.Identity()
+        else:
+            self.project_in = nn.Conv2d(embed_dim, codebook_dim, kernel_size=1)
+            self.project_out = nn.Conv2d(codebook_dim, embed_dim, kernel_size=1)
+
+        codes = torch.empty(codebook_size, self.lookup_dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        if ema:
+            self.register_buffer("codebook", codes)
+            # Cluster sizes start at one and sums at the codes, so codes = sums / sizes from the start.
+            self.register_buffer("ema_cluster_size", torch.ones(codebook_size))
+            self.register_buffer("ema_embed_sum", codes.clone())
+        else:
+            self.codebook = nn.Parameter(codes)
+        self.register_buffer("usage_counts", torch.zeros(usage_window, codebook_size, dtype=torch.int32))
+        self.register_buffer("usage_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps_since_used", torch.zeros(codebook_size, dtype=torch.long))
+
+    def _codes(self) -> torch.Tensor:
+        codes = self.codebook.float()
+        return F.normalize(codes, dim=-1) if self.l2_norm else codes
+
+    def _to_lookup_space(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, embed_dim, H, W] (any dtype) -> float32 [B, H, W, lookup_dim], normalised when ``l2_norm``."""
+        if z.dim() != 4 or z.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"expected latents of shape [B, {self.embed_dim}, H, W] (embed_dim={self.embed_dim}), got "
+                f"{tuple(z.shape)}. Check that quant_conv maps z_channels to embed_dim."
+            )
+        z = self.project_in(z.float()).permute(0, 2, 3, 1)
+        return F.normalize(z, dim=-1) if self.l2_norm else z
+
+    def _nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code (squared L2; cosine when normalised) for each row of ``flat``."""
+        with torch.no_grad():
+            codes = self._codes()
+            if self.l2_norm:
+                return (flat @ codes.t()).argmax(dim=1)
+            distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)
+            return distances.argmin(dim=1)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z_lookup = self._to_lookup_space(z)
+            flat = z_lookup.reshape(-1, self.lookup_dim)
+            indices = self._nearest(flat)
+            quantized = F.embedding(indices, self._codes()).view_as(z_lookup)
+
+            loss = self.beta * F.mse_loss(z_lookup, quantized.detach())
+            if not self.ema:
+                loss = loss + F.mse_loss(z_lookup.detach(), quantized)
+            # Straight-through: the value is exactly the code, the gradient goes to z unchanged.
+            z_st = quantized.detach() + (z_lookup - z_lookup.detach())
+            z_q = self.project_out(z_st.permute(0, 3, 1, 2))
+
+            counts = torch.bincount(indices, minlength=self.codebook_size)
+            probs = counts.float() / counts.sum()
+            perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum())
+            if self.training:
+                self._update(flat.detach(), indices, counts)
+        return QuantizerOutput(z_q, loss, indices.view(z_lookup.shape[:-1]), perplexity)
+
+    @torch.no_grad()
+    def _update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        """Training-step bookkeeping: EMA codes, usage window, dead-code restart."""
+        counts = _all_reduce_sum(counts.clone())
+        if self.ema:
+            self._ema_update(flat, indices, counts)
+        self.usage_counts[int(self.usage_steps) % self.usage_window] = counts.to(self.usage_counts.dtype)
+        self.usage_steps += 1
+        self.steps_since_used.add_(1).masked_fill_(counts > 0, 0)
+        if self.dead_code_steps > 0:
+            self._restart_dead_codes(flat)
+
+    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        """cluster_size and embed_sum follow EMAs of assignment counts and sums; codes = sum / smoothed size.
+
+        Sizes are Laplace-smoothed, ``(n_k + eps) / (n + K * eps) * n``, so that no code divides by zero.
+        """
+        embed_sum = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, flat)
+        embed_sum = _all_reduce_sum(embed_sum)
+        decay = self.ema_decay
+        self.ema_cluster_size.mul_(decay).add_(counts.float(), alpha=1 - decay)
+        self.ema_embed_sum.mul_(decay).add_(embed_sum, alpha=1 - decay)
+        total = self.ema_cluster_size.sum()
+        smoothed = (self.ema_cluster_size + self.ema_eps) / (total + self.codebook_size * self.ema_eps) * total
+        self.codebook.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
+
+    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+        """Re-seed codes unused for ``dead_code_steps`` steps with random vectors of this batch."""
+        dead = self.steps_since_used >= self.dead_code_steps
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return
+        picks = torch.randint(0, flat.shape[0], (num_dead,), device=flat.device)
+        seeds = flat[picks].to(self.codebook.dtype).contiguous()
+        if _distributed():
+            dist.broadcast(seeds, src=0)
+        self.codebook.data[dead] = seeds
+        self.steps_since_used[dead] = 0
+        if self.ema:
+            self.ema_cluster_size[dead] = 1.0
+            self.ema_embed_sum[dead] = seeds
+
+    def nearest_indices(self, z: torch.Tensor) -> torch.Tensor:
+        """Code indices [B, H, W] for latents [B, embed_dim, H, W], without touching any statistics."""
+        with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+            z_lookup = self._to_lookup_space(z)
+            return self._nearest(z_lookup.reshape(-1, self.lookup_dim)).view(z_lookup.shape[:-1])
+
+    def embed_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Quantised latents float32 [B, embed_dim, H, W] for code indices [B, H, W] (lookup + up-projection)."""
+        if indices.dtype not in (torch.long, torch.int32) or indices.dim() != 3:
+            raise ValueError(
+                f"expected integer indices of shape [B, H, W], got {indices.dtype} {tuple(indices.shape)}."
+            )
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(
+                f"indices must lie in [0, {self.codebook_size}) for a codebook of {self.codebook_size} codes, "
+                f"got values in [{int(indices.min())}, {int(indices.max())}]."
+            )
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            quantized = F.embedding(indices.long(), self._codes())
+            return self.project_out(quantized.permute(0, 3, 1, 2))
+
+    def window_counts(self) -> torch.Tensor:
+        """Per-code hit counts summed over the last ``usage_window`` training steps."""
+        filled = min(int(self.usage_steps), self.usage_window)
+        return self.usage_counts[:filled].sum(0, dtype=torch.long)
+
+    def codebook_usage(self) -> float:
+        """Fraction of codes hit at least once over the last ``usage_window`` training steps."""
+        return usage_and_perplexity(self.window_counts())[0]
+
+    def window_perplexity(self) -> float:
+        """``exp(entropy)`` of the code distribution over the last ``usage_window`` training steps."""
+        return usage_and_perplexity(self.window_counts())[1]
+
+    def extra_repr(self) -> str:
+        return (
+            f"codebook_size={self.codebook_size}, embed_dim={self.embed_dim}, lookup_dim={self.lookup_dim}, "
+            f"l2_norm={self.l2_norm}, beta={self.beta}, ema={self.ema}, dead_code_steps={self.dead_code_steps}"
+        )
