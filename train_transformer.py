@@ -9,42 +9,44 @@ The training images are tokenised once by the frozen VQGAN and cached in ``.cach
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
-from dataloader import build_loader, infinite_batches
+from dataloader import DataError, build_loader, infinite_batches
 from pipeline.loading import load_vqgan
 from pipeline.tokens import tokenize_dataset
 from transformer import VQGANPrior
 from utils.checkpoint import (
-    load_checkpoint,
     load_state_dict_checked,
     save_checkpoint,
     set_rng_state,
     training_checkpoint,
 )
-from utils.config import Stage2Config, load_config, save_config, to_dict
-from utils.distributed import barrier, init_distributed, shutdown_distributed, wrap_ddp
+from utils.config import ConfigError, Stage2Config, load_config, save_config, to_dict
+from utils.distributed import DistInfo, barrier, init_distributed, shutdown_distributed, wrap_ddp
 from utils.logging import MetricsLogger
 from utils.plots import plot_training_curves, save_grid
 from utils.trainer import (
     LoopSettings,
+    RunDirError,
     autocast,
     autocast_dtype,
+    clean_exit,
     configure_backends,
     count_parameters,
     default_run_dir,
     describe_environment,
+    device_type_of,
     first_nonfinite,
     lr_factor,
     make_adam,
-    prepare_run_dir,
+    prepare_run,
     resolve_device,
     run_loop,
     set_lr,
@@ -59,36 +61,29 @@ TOKEN_CACHE = Path(".cache") / "tokens"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = training_parser(__doc__)
-    parser.add_argument("--vqgan", required=True, help="stage-1 checkpoint (runs/<name>/checkpoints/last.pt)")
-    args = parser.parse_args(argv)
-    cfg = load_config(Stage2Config, args.config, args.overrides)
-    for warning in cfg.validate():
-        print(f"warning: {warning}", file=sys.stderr)
-    device_type = "cuda" if cfg.train.device.startswith("cuda") or (
-        cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
-    info = init_distributed(device_type)
-    try:
-        train(cfg, default_run_dir(args.config, args.run_dir), args, info)
-    finally:
-        shutdown_distributed()
+    with clean_exit(DataError):
+        parser = training_parser(__doc__)
+        parser.add_argument("--vqgan", required=True, help="stage-1 checkpoint (runs/<name>/checkpoints/last.pt)")
+        args = parser.parse_args(argv)
+        cfg = load_config(Stage2Config, args.config, args.overrides)
+        for warning in cfg.validate():
+            print(f"warning: {warning}", file=sys.stderr)
+        info = init_distributed(device_type_of(cfg.train.device))
+        try:
+            train(cfg, default_run_dir(args.config, args.run_dir), args, info)
+        finally:
+            shutdown_distributed()
 
 
-def train(cfg: Stage2Config, run_dir: Path, args, info) -> None:
+def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: DistInfo) -> None:
     device = resolve_device(cfg.train.device, info)
     configure_backends(device)
     config_dict = to_dict(cfg)
-    resume_state = None
-    if info.is_main:
-        resume_state = prepare_run_dir(run_dir, config_dict, resume=args.resume, force=args.force, kind=KIND)
-    if info.enabled:
-        flag = [resume_state is not None]
-        dist.broadcast_object_list(flag, src=0)
-        if flag[0] and not info.is_main:
-            resume_state = load_checkpoint(run_dir / "checkpoints" / "last.pt", kind=KIND)
-    set_seed(cfg.train.seed + info.rank)
-
+    resume_state = prepare_run(run_dir, config_dict, resume=args.resume, force=args.force, kind=KIND, info=info)
     vqgan, vqgan_state = load_vqgan(args.vqgan, device)
+    check_stage1_matches(cfg, vqgan_state, args.vqgan)
+    if resume_state is not None and not args.force:
+        check_same_vqgan(resume_state, vqgan_state, args.vqgan)
     tokens = None
     if info.is_main:
         tokens = tokenize_dataset(vqgan, cfg.data, args.vqgan, TOKEN_CACHE, device)
@@ -98,12 +93,14 @@ def train(cfg: Stage2Config, run_dir: Path, args, info) -> None:
     indices, labels = tokens["indices"].long(), tokens["labels"].long()
     num_classes = int(tokens["num_classes"])
     if cfg.transformer.class_conditional and num_classes < 2:
-        raise ValueError(f"transformer.class_conditional=true but the dataset '{cfg.data.name}' has no class labels. "
-                         f"Set transformer.class_conditional=false (or data.class_labels=true for a folder with "
-                         f"one subfolder per class).")
+        raise ConfigError(f"transformer.class_conditional=true but the dataset '{cfg.data.name}' has no class "
+                          f"labels. Set transformer.class_conditional=false (or data.class_labels=true for a "
+                          f"folder with one subfolder per class).")
 
+    set_seed(cfg.train.seed)  # the same initial weights on every rank
     prior = VQGANPrior(vqgan, **dataclasses.asdict(cfg.transformer),
                        num_classes=num_classes if cfg.transformer.class_conditional else 0).to(device)
+    set_seed(cfg.train.seed + info.rank)
     optimizer = make_adam(prior.param_groups(cfg.train.weight_decay), cfg.train.lr, cfg.train.betas, 0.0, device)
     start_step = 0
     if resume_state is not None:
@@ -201,6 +198,26 @@ def train(cfg: Stage2Config, run_dir: Path, args, info) -> None:
     finally:
         if logger is not None:
             logger.close()
+
+
+def check_stage1_matches(cfg: Stage2Config, vqgan_state: dict, vqgan_path: str) -> None:
+    """The stage-1 model must have been trained on images of the size and channels ``cfg.data`` gives."""
+    trained = vqgan_state["config"]["data"]
+    for key in ("image_size", "channels"):
+        if trained[key] != getattr(cfg.data, key):
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)} but the stage-1 checkpoint {vqgan_path} was "
+                              f"trained with data.{key}={trained[key]}. Use the data settings of the stage-1 run "
+                              f"(its config.yaml), or pass the matching --vqgan checkpoint.")
+
+
+def check_same_vqgan(resume_state: dict, vqgan_state: dict, vqgan_path: str) -> None:
+    """Resuming must keep the stage-1 model the run started with (its codes are what the GPT learned)."""
+    saved, given = resume_state["vqgan"], vqgan_state["model"]
+    same = saved.keys() == given.keys() and all(torch.equal(saved[k], given[k].cpu()) for k in saved)
+    if not same:
+        raise RunDirError(f"--vqgan {vqgan_path} is not the stage-1 model this run was started with, so its codes "
+                          f"differ from the ones the GPT learned. Pass the original stage-1 checkpoint, or add "
+                          f"--force to continue with this one.")
 
 
 if __name__ == "__main__":

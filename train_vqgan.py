@@ -6,39 +6,41 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from dataloader import build_dataset, build_loader, infinite_batches
+from dataloader import DataError, build_dataset, build_loader, infinite_batches
 from utils.checkpoint import (
-    load_checkpoint,
     load_state_dict_checked,
     save_checkpoint,
     set_rng_state,
     training_checkpoint,
 )
 from utils.config import Stage1Config, load_config, save_config, to_dict
-from utils.distributed import init_distributed, shutdown_distributed, unwrap, wrap_ddp
+from utils.distributed import DistInfo, init_distributed, shutdown_distributed, unwrap, wrap_ddp
 from utils.logging import MetricsLogger
 from utils.plots import plot_training_curves, save_reconstruction_grid
 from utils.trainer import (
     LoopSettings,
     ModelEMA,
+    TensorSnapshot,
     autocast,
     autocast_dtype,
+    clean_exit,
     configure_backends,
     count_parameters,
     default_run_dir,
     describe_environment,
+    device_type_of,
     first_nonfinite,
     lr_factor,
     make_adam,
-    prepare_run_dir,
+    prepare_run,
     resolve_device,
     run_loop,
     set_lr,
@@ -46,6 +48,7 @@ from utils.trainer import (
     training_parser,
 )
 from vqgan import VQGAN, Discriminator, VQGANLoss
+from vqgan.lpips import LPIPSWeightsError, LPIPSWeightsMismatchError
 
 KIND = "vqgan"
 METRIC_COLUMNS = ["lr", "total", "rec_loss", "p_loss", "codebook_loss", "g_loss", "d_weight", "gan_factor",
@@ -81,34 +84,28 @@ def summary(model: VQGAN, disc: Discriminator, loss: VQGANLoss, dataset_size: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = training_parser(__doc__).parse_args(argv)
-    cfg = load_config(Stage1Config, args.config, args.overrides)
-    for warning in cfg.validate():
-        print(f"warning: {warning}", file=sys.stderr)
-    run_dir = default_run_dir(args.config, args.run_dir)
-    config_dict = to_dict(cfg)
-
-    device_type = "cuda" if cfg.train.device.startswith("cuda") or (
-        cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
-    info = init_distributed(device_type)
-    try:
-        train(cfg, config_dict, run_dir, args, info)
-    finally:
-        shutdown_distributed()
+    with clean_exit(DataError, LPIPSWeightsError, LPIPSWeightsMismatchError):
+        args = training_parser(__doc__).parse_args(argv)
+        cfg = load_config(Stage1Config, args.config, args.overrides)
+        for warning in cfg.validate():
+            print(f"warning: {warning}", file=sys.stderr)
+        info = init_distributed(device_type_of(cfg.train.device))
+        try:
+            train(cfg, default_run_dir(args.config, args.run_dir), args, info)
+        finally:
+            shutdown_distributed()
 
 
-def train(cfg: Stage1Config, config_dict: dict, run_dir: Path, args, info) -> None:
+def train(cfg: Stage1Config, run_dir: Path, args: argparse.Namespace, info: DistInfo) -> None:
     device = resolve_device(cfg.train.device, info)
     configure_backends(device)
-    resume_state = prepare_run_dir(run_dir, config_dict, resume=args.resume, force=args.force, kind=KIND) \
-        if info.is_main else None
-    if info.enabled:
-        resume_state = _broadcast_resume(run_dir, resume_state)
-    set_seed(cfg.train.seed + info.rank)
-
+    config_dict = to_dict(cfg)
+    resume_state = prepare_run(run_dir, config_dict, resume=args.resume, force=args.force, kind=KIND, info=info)
+    set_seed(cfg.train.seed)  # the same initial weights and codebook buffers on every rank
     train_set = build_dataset(cfg.data, "train")
     eval_set = build_dataset(cfg.data, "test")
     model, disc, loss_fn = build_models(cfg)
+    set_seed(cfg.train.seed + info.rank)
     start_step = 0
     ema = None
     channels_last = cfg.train.channels_last and device.type == "cuda"
@@ -116,8 +113,6 @@ def train(cfg: Stage1Config, config_dict: dict, run_dir: Path, args, info) -> No
     model.to(device, memory_format=memory_format)
     disc.to(device, memory_format=memory_format)
     loss_fn.to(device)
-    if cfg.train.ema_decay > 0:
-        ema = ModelEMA(model, cfg.train.ema_decay)
     disc_lr = cfg.train.disc_lr or cfg.train.lr
     opt_ae = make_adam(model.parameters(), cfg.train.lr, cfg.train.betas, cfg.train.weight_decay, device)
     opt_d = make_adam(disc.parameters(), disc_lr, cfg.train.betas, cfg.train.weight_decay, device)
@@ -129,10 +124,12 @@ def train(cfg: Stage1Config, config_dict: dict, run_dir: Path, args, info) -> No
         opt_ae.load_state_dict(resume_state["opt_ae"])
         opt_d.load_state_dict(resume_state["opt_disc"])
         loss_fn.load_training_state(resume_state["loss_state"])
-        if ema is not None and resume_state.get("ema") is not None:
-            ema.load_state_dict(resume_state["ema"])
         set_rng_state(resume_state["rng"])
         start_step = resume_state["step"]
+    if cfg.train.ema_decay > 0:  # starts from the resumed weights when the checkpoint has no EMA yet
+        ema = ModelEMA(model, cfg.train.ema_decay)
+        if resume_state is not None and resume_state.get("ema") is not None:
+            ema.load_state_dict(resume_state["ema"])
 
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
@@ -140,7 +137,7 @@ def train(cfg: Stage1Config, config_dict: dict, run_dir: Path, args, info) -> No
         if start_step:
             print(f"  resumed at   step {start_step}")
 
-    train_model = wrap_ddp(model, info, device, broadcast_buffers=False)
+    train_model = wrap_ddp(model, info, device, sync_buffers_every_step=False)  # the quantizer syncs its own
     train_disc = wrap_ddp(disc, info, device)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
@@ -155,6 +152,8 @@ def train(cfg: Stage1Config, config_dict: dict, run_dir: Path, args, info) -> No
     checkpoint_dir = run_dir / "checkpoints"
     logger = MetricsLogger(run_dir, METRIC_COLUMNS, resume_step=start_step if start_step else None) \
         if info.is_main else None
+    forward_state = TensorSnapshot([*model.quantizer.parameters(), *model.buffers(), *disc.buffers(),
+                                    *loss_fn.buffers()])
 
     def train_step(step: int) -> dict[str, float]:
         factor = lr_factor(step, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.lr_schedule,
@@ -164,6 +163,7 @@ def train(cfg: Stage1Config, config_dict: dict, run_dir: Path, args, info) -> No
         opt_ae.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)
         disc_active = loss_fn.gan_factor(step) > 0
+        forward_state.take()
         totals: dict[str, float] = {}
         for micro in range(cfg.train.grad_accum):
             images = next(batches)[0].to(device, non_blocking=True, memory_format=memory_format)
@@ -179,17 +179,20 @@ def train(cfg: Stage1Config, config_dict: dict, run_dir: Path, args, info) -> No
                 logs.update(d_logs)
             for key, value in logs.items():
                 totals[key] = totals.get(key, 0.0) + value / cfg.train.grad_accum
-        bad = first_nonfinite(totals)
         grad_norm = _clip(model, cfg.train.grad_clip)
+        disc_norm = _clip(disc, cfg.train.grad_clip)
+        bad = first_nonfinite(totals)
         if bad is None and not torch.isfinite(grad_norm):
             bad = "autoencoder gradient"
+        if bad is None and not torch.isfinite(disc_norm):
+            bad = "discriminator gradient"
         if bad is not None:
             opt_ae.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
+            forward_state.restore()
             return {"nonfinite": bad}
         opt_ae.step()
         if disc_active:
-            _clip(disc, cfg.train.grad_clip)
             opt_d.step()
         if ema is not None:
             ema.update(model)
@@ -253,15 +256,6 @@ def _clip(module: torch.nn.Module, max_norm: float) -> torch.Tensor:
     if not params:
         return torch.zeros(())
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-
-
-def _broadcast_resume(run_dir: Path, state: dict | None) -> dict | None:
-    """Rank 0 checked the run folder; the other ranks load the same checkpoint it chose."""
-    flag = [state is not None]
-    dist.broadcast_object_list(flag, src=0)
-    if dist.get_rank() == 0 or not flag[0]:
-        return state
-    return load_checkpoint(run_dir / "checkpoints" / "last.pt", kind=KIND)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ uninterrupted run would have seen, without loading the skipped ones.
 
 import itertools
 import random
+import signal
 import warnings
 from typing import Any, Iterator
 
@@ -31,8 +32,12 @@ class ResumableSampler(DistributedSampler):
         return max(0, self.num_samples - self.skip)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy and ``random`` in a worker from the seed torch gave it."""
+def _init_worker(worker_id: int) -> None:
+    """Seed numpy and ``random`` from the seed torch gave the worker, and leave SIGINT/SIGTERM to the
+    main process: a Ctrl-C or a scheduler's SIGTERM sent to the whole process group must not kill
+    the workers before the trainer has saved its checkpoint (workers exit when the main process does)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -62,7 +67,7 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, num
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=device_type == "cuda", drop_last=drop_last,
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(worker_seed),
-                      worker_init_fn=_seed_worker if num_workers > 0 else None)
+                      worker_init_fn=_init_worker if num_workers > 0 else None)
 
 
 def infinite_batches(loader: DataLoader, start_step: int = 0) -> Iterator[Any]:

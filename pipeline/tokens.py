@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +37,11 @@ def tokenize_dataset(vqgan: VQGAN, data: DataConfig, checkpoint: str | Path, cac
     """{"indices": int32 [N, h*w], "labels": long [N], "num_classes": int}, from the cache when present."""
     path = Path(cache_dir) / f"{data.name}_{split}_{cache_key(checkpoint, data, split)}.pt"
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        try:
+            return torch.load(path, weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            warnings.warn(f"token cache {path} is unreadable ({str(err).splitlines()[0]}); tokenising again.",
+                          stacklevel=2)
     dataset = build_dataset(data, split, augment=False)
     loader = DataLoader(dataset, batch_size=TOKENIZE_BATCH, shuffle=False, num_workers=data.num_workers)
     all_indices, all_labels = [], []

@@ -44,3 +44,8 @@ def lpips_files(tmp_path_factory: pytest.TempPathFactory) -> LPIPSFiles:
     torch.save(random_vgg_features(seed=0), files.vgg)
     torch.save(random_heads(seed=0), files.heads)
     return files
+
+
+# One intra-op thread per test process: the tiny models gain nothing from more, and on a loaded
+# machine OpenMP threads that wait for each other make training steps ten times slower.
+torch.set_num_threads(1)

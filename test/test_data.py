@@ -1,6 +1,7 @@
 """Datasets and loaders: builtin shapes, idx files, torchvision sets offline, image folders, loaders."""
 
 import gzip
+import signal
 import socket
 import struct
 import time
@@ -558,7 +559,14 @@ def test_loader_options(monkeypatch):
 
 def test_worker_seeding_and_loading_in_a_worker():
     np.random.seed(0)
-    loader_module._seed_worker(0)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        loader_module._init_worker(0)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     torch_seed = torch.initial_seed() % 2**32
     assert np.random.get_state()[1][0] == np.random.RandomState(torch_seed).get_state()[1][0]
     loader = build_loader(ShapesDataset(4, 8), 2, num_workers=1, seed=0)

@@ -1,6 +1,7 @@
 """Metrics against hand-computed values, and FID with the real Inception network."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -148,6 +149,11 @@ def test_ssim_known_noise_matches_reference():
     assert per_image.mean().item() == pytest.approx(value)
 
 
+def test_ssim_rejects_images_smaller_than_the_window():
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(torch.zeros(1, 1, 10, 16), torch.zeros(1, 1, 10, 16))
+
+
 # ---------------------------------------------------------------- codebook usage
 
 
@@ -274,6 +280,21 @@ def test_fid_from_features_equals_frechet_of_moments():
     assert fid_from_features(torch.from_numpy(a), b) == pytest.approx(expected, rel=1e-10)
 
 
+def test_fid_from_few_samples_matches_covariance_form():
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((10, 64)), rng.standard_normal((12, 64)) * 1.5 + 0.2
+    expected = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-9)
+    assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fid_from_features_checks_shapes():
+    with pytest.raises(ValueError, match="expected features"):
+        fid_from_features(np.zeros((4, 3)), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="at least 2"):
+        fid_from_features(np.zeros((1, 3)), np.zeros((4, 3)))
+
+
 def test_compute_fid_chunks_batches_and_unpacks_pairs():
     seen = []
 
@@ -341,8 +362,11 @@ def test_cache_dir_default(tmp_path, monkeypatch):
     assert cache_dir() == tmp_path / ".cache" / "vqgan"
 
 
-def test_packaged_path_absent(monkeypatch):
+def test_packaged_path_absent(tmp_path, monkeypatch):
     monkeypatch.setattr(inception.importlib.util, "find_spec", lambda name: None)
+    assert packaged_inception_path() is None
+    without_file = SimpleNamespace(submodule_search_locations=[str(tmp_path)])
+    monkeypatch.setattr(inception.importlib.util, "find_spec", lambda name: without_file)
     assert packaged_inception_path() is None
 
 
@@ -392,10 +416,21 @@ def clean_features(network, clean_images) -> torch.Tensor:
     return network(clean_images)
 
 
+class MeanColourNetwork(nn.Module):
+    """A stand-in taking (pixels - 128) / 128 like default_1.pt: 2048 features from mean colours."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.project = nn.Linear(3, FEATURE_DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x.mean(dim=(2, 3)))
+
+
 class PixelInputNetwork(nn.Module):
     """The StyleGAN3 file's calling convention: pixels in [0, 255], features on request."""
 
-    def __init__(self, inner: torch.jit.ScriptModule) -> None:
+    def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
 
@@ -406,25 +441,17 @@ class PixelInputNetwork(nn.Module):
         return features[:, :1008]
 
 
-def test_real_network_gives_pool3_features(network, clean_images, clean_features):
-    assert not network.takes_pixel_values
-    assert clean_features.shape == (12, FEATURE_DIM) and clean_features.dtype == torch.float32
-    assert torch.isfinite(clean_features).all() and (clean_features >= 0).all()
-    grey = clean_images[:2, :1]
-    torch.testing.assert_close(network(grey), network(grey.expand(-1, 3, -1, -1)))
-    pixel_convention = InceptionFeatures(torch.jit.script(PixelInputNetwork(network.network)))
-    assert pixel_convention.takes_pixel_values
-    torch.testing.assert_close(pixel_convention(clean_images[:2]), clean_features[:2], atol=1e-4, rtol=1e-4)
-
-
-def test_real_fid_is_zero_for_same_set_and_grows_with_noise(network, clean_images, clean_features):
-    assert fid_from_features(clean_features, clean_features) == pytest.approx(0.0, abs=1e-3)
-    noise = torch.randn(clean_images.shape, generator=torch.Generator().manual_seed(8))
-    slight = network((clean_images + 0.05 * noise).clamp(-1, 1))
-    heavy = network((clean_images + 0.5 * noise).clamp(-1, 1))
-    fid_slight = fid_from_features(clean_features, slight)
-    fid_heavy = fid_from_features(clean_features, heavy)
-    assert 0 < fid_slight < fid_heavy
+def test_both_calling_conventions_and_grayscale_agree():
+    inner = MeanColourNetwork()
+    scaled_input = InceptionFeatures(torch.jit.script(inner))
+    pixel_input = InceptionFeatures(torch.jit.script(PixelInputNetwork(inner)))
+    assert pixel_input.takes_pixel_values and not scaled_input.takes_pixel_values
+    images = ((textured(2) + 1) * 127.5).round() / 127.5 - 1
+    torch.testing.assert_close(pixel_input(images), scaled_input(images))
+    grey = images[:, :1]
+    torch.testing.assert_close(scaled_input(grey), scaled_input(grey.expand(-1, 3, -1, -1)))
+    # Pixels are rounded to 8-bit levels: a change below half a level does not move the features.
+    torch.testing.assert_close(scaled_input(images + 0.001), scaled_input(images))
 
 
 def test_feature_network_checks_inputs_and_output_size():
@@ -441,3 +468,19 @@ def test_feature_network_checks_inputs_and_output_size():
         wrong(torch.zeros(1, 2, 8, 8))
     with pytest.raises(ValueError, match="10-d"):
         wrong(torch.zeros(1, 3, 299, 299))
+
+
+def test_real_network_gives_pool3_features(network, clean_features):
+    assert not network.takes_pixel_values
+    assert clean_features.shape == (12, FEATURE_DIM) and clean_features.dtype == torch.float32
+    assert torch.isfinite(clean_features).all() and (clean_features >= 0).all()
+
+
+def test_real_fid_is_zero_for_same_set_and_grows_with_noise(network, clean_images, clean_features):
+    assert fid_from_features(clean_features, clean_features) == pytest.approx(0.0, abs=1e-3)
+    noise = torch.randn(clean_images.shape, generator=torch.Generator().manual_seed(8))
+    slight = network((clean_images + 0.05 * noise).clamp(-1, 1))
+    heavy = network((clean_images + 0.5 * noise).clamp(-1, 1))
+    fid_slight = fid_from_features(clean_features, slight)
+    fid_heavy = fid_from_features(clean_features, heavy)
+    assert 0 < fid_slight < fid_heavy

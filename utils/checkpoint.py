@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 FORMAT_VERSION = 1
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives
 KIND_HELP = {
     "vqgan": "a stage-1 (VQGAN) checkpoint, written by train_vqgan.py",
     "transformer": "a stage-2 (GPT prior) checkpoint, written by train_transformer.py",
@@ -27,25 +29,35 @@ class CheckpointError(RuntimeError):
     """A file that cannot be used as the requested checkpoint."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint file whose bytes cannot be read back (truncated, corrupt, empty)."""
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically (temp file, fsync, rename, fsync of the folder)."""
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename, fsync of the folder).
+
+    On failure (disk full, folder removed) the previous file at ``path`` is left untouched and a
+    :class:`CheckpointError` says so.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as err:  # torch.save reports failed writes as RuntimeError
+        raise CheckpointError(f"could not write '{path}': {err}. Free disk space or fix the folder's permissions; "
+                              f"the previous version of the file, if any, is intact.") from err
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        tmp.unlink(missing_ok=True)
 
 
 def training_checkpoint(kind: str, step: int, config: dict[str, Any], **parts: Any) -> dict[str, Any]:
@@ -60,24 +72,51 @@ def load_checkpoint(path: str | Path, kind: str | None = None, map_location: Any
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist. Check the path (run folders keep them in "
                               f"runs/<name>/checkpoints/last.pt).")
+    with open(path, "rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    if head != ZIP_MAGIC:
+        what = "is empty" if not head else "is not a file written by torch.save"
+        raise UnreadableCheckpointError(f"'{path}' {what}, so it is not a checkpoint. Check the path; training "
+                                        f"writes checkpoints to runs/<name>/checkpoints/.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"checkpoint '{path}' needs arbitrary code to unpickle and was refused for safety "
-            f"(only plain tensors and Python values are loaded). Re-save it as a plain state dict. Detail: {err}"
+            f"(only plain tensors and Python values are loaded){_refusal_detail(err)}. If you trust the file, "
+            f"load it once with torch.load(..., weights_only=False) and re-save a plain dict of tensors."
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(
-            f"'{path}' is not a readable checkpoint (truncated or not written by torch.save): {err}. "
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as err:
+        raise UnreadableCheckpointError(
+            f"'{path}' is truncated or corrupt and cannot be read ({str(err).splitlines()[0]}). "
             f"If training was interrupted, use the previous periodic checkpoint in the same folder."
         ) from err
     if not isinstance(state, dict) or "kind" not in state or "model" not in state:
-        raise CheckpointError(f"'{path}' is not a checkpoint of this project (no 'kind'/'model' entries).")
+        raise CheckpointError(f"'{path}' was written by torch.save but is not a checkpoint of this project "
+                              f"(no 'kind'/'model' entries). Pass a file written by train_vqgan.py or "
+                              f"train_transformer.py.")
+    if state.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise CheckpointError(f"'{path}' has checkpoint format {state['format_version']}, newer than this code "
+                              f"reads ({FORMAT_VERSION}). Update the code to the version that wrote it.")
     if kind is not None and state["kind"] != kind:
         found = KIND_HELP.get(state["kind"], repr(state["kind"]))
-        raise CheckpointError(f"'{path}' is {found}, but {KIND_HELP.get(kind, kind)} is needed here.")
+        raise CheckpointError(f"'{path}' is {found}, but {KIND_HELP.get(kind, kind)} is needed here. "
+                              f"Check which file you passed.")
     return state
+
+
+def _refusal_detail(err: pickle.UnpicklingError) -> str:
+    """The object torch refused to import, e.g. ``posix.system``, as named in its error message."""
+    match = re.search(r"GLOBAL (\S+)", str(err))
+    return f": it asks to import {match.group(1)}" if match else ""
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete temporary files that writes killed mid-way left in ``folder``; returns what was removed."""
+    stale = sorted(Path(folder).glob(".*.tmp[0-9]*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def load_state_dict_checked(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

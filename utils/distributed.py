@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass(frozen=True)
@@ -50,19 +52,29 @@ def barrier() -> None:
 
 
 def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device,
-             broadcast_buffers: bool = True) -> torch.nn.Module:
-    """Wrap in DistributedDataParallel when running with several processes; otherwise unchanged."""
+             sync_buffers_every_step: bool = True) -> torch.nn.Module:
+    """Wrap in DistributedDataParallel when running with several processes; otherwise unchanged.
+
+    Parameters and buffers start from rank 0's values. ``sync_buffers_every_step=False`` stops DDP
+    from broadcasting rank 0's buffers before every forward (for modules that keep them in sync
+    themselves, such as the quantizer's all-reduced statistics).
+    """
     if not info.enabled:
         return module
     device_ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
-                                                     broadcast_buffers=broadcast_buffers)
+    if sync_buffers_every_step:
+        return DDP(module, device_ids=device_ids)
+    if "forward_sync_buffers" in inspect.signature(DDP).parameters:
+        return DDP(module, device_ids=device_ids, forward_sync_buffers=False)
+    for buffer in module.buffers():  # older torch: broadcast_buffers=False also skips the initial sync
+        dist.broadcast(buffer, src=0)
+    return DDP(module, device_ids=device_ids, broadcast_buffers=False)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DDP and/or torch.compile wrappers."""
     while True:
-        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        if isinstance(module, DDP):
             module = module.module
         elif hasattr(module, "_orig_mod"):
             module = module._orig_mod

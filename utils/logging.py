@@ -29,9 +29,13 @@ class MetricsLogger:
             writer = csv.writer(handle)
             writer.writerow(self.columns)
             writer.writerows(rows)
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard")) if tensorboard and SummaryWriter else None
+        self.writer = None
+        if tensorboard and SummaryWriter is not None:
+            purge = resume_step + 1 if resume_step is not None else None
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def _rows_up_to(self, step: int) -> list[list[str]]:
+        """Complete rows of the existing file up to ``step`` (a row cut short by a kill is dropped)."""
         if not self.path.is_file():
             return []
         with open(self.path, newline="") as handle:
@@ -39,7 +43,8 @@ class MetricsLogger:
             header = next(reader, None)
             if header != self.columns:
                 return []
-            return [row for row in reader if row and int(row[0]) <= step]
+            return [row for row in reader
+                    if len(row) == len(self.columns) and row[0].isdigit() and int(row[0]) <= step]
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         unknown = set(values) - set(self.columns)

@@ -218,14 +218,28 @@ def fid_from_stats(stats_a: FeatureStats, stats_b: FeatureStats) -> float:
 
 
 def fid_from_features(features_a: torch.Tensor | np.ndarray, features_b: torch.Tensor | np.ndarray) -> float:
-    """FID between two feature matrices [N_a, D] and [N_b, D]."""
-    stats = []
-    for features in (features_a, features_b):
-        features = _as_float64(features)
-        accumulator = FeatureStats(features.shape[-1])
-        accumulator.update(features)
-        stats.append(accumulator)
-    return fid_from_stats(*stats)
+    """FID between two feature matrices [N_a, D] and [N_b, D] (at least 2 rows each).
+
+    With fewer samples than dimensions the covariances have low rank and the same value is computed
+    exactly from the centred samples instead of D x D matrices: with ``A``, ``B`` the centred
+    features divided by ``sqrt(N - 1)``, ``tr(sigma_a) = |A|_F^2`` and the trace term is the sum of
+    the singular values of ``A B^T`` (``sigma_a sigma_b`` and ``(A B^T)(A B^T)^T`` share their
+    nonzero eigenvalues).
+    """
+    features_a, features_b = _as_float64(features_a), _as_float64(features_b)
+    if features_a.ndim != 2 or features_b.ndim != 2 or features_a.shape[1] != features_b.shape[1]:
+        raise ValueError(f"expected features [N_a, D] and [N_b, D], got {features_a.shape} and {features_b.shape}")
+    if min(len(features_a), len(features_b)) < 2:
+        raise ValueError("FID needs at least 2 feature vectors per set")
+    if max(len(features_a), len(features_b)) >= features_a.shape[1]:
+        stats_a = (features_a.mean(axis=0), np.cov(features_a, rowvar=False))
+        return frechet_distance(*stats_a, features_b.mean(axis=0), np.cov(features_b, rowvar=False))
+    mean_a, mean_b = features_a.mean(axis=0), features_b.mean(axis=0)
+    a = (features_a - mean_a) / np.sqrt(len(features_a) - 1)
+    b = (features_b - mean_b) / np.sqrt(len(features_b) - 1)
+    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    diff = mean_a - mean_b
+    return max(float(diff @ diff + np.sum(a * a) + np.sum(b * b) - 2 * trace_sqrt), 0.0)
 
 
 def feature_stats(batches: Iterable, network: FeatureNetwork, batch_size: int = 50) -> FeatureStats:
@@ -255,4 +269,5 @@ def compute_fid(
     batch_size: int = 50,
 ) -> float:
     """FID between two image collections (see :func:`feature_stats` for what they may yield)."""
-    return fid_from_stats(feature_stats(images_a, network, batch_size), feature_stats(images_b, network, batch_size))
+    stats_a = feature_stats(images_a, network, batch_size)
+    return fid_from_stats(stats_a, feature_stats(images_b, network, batch_size))

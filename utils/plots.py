@@ -113,3 +113,46 @@ def plot_token_maps(images: torch.Tensor, indices: torch.Tensor, codebook_size: 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def save_images(images: torch.Tensor, folder: str | Path, start: int = 0) -> list[Path]:
+    """Save each [-1,1] image at its own resolution as ``folder/{start + i:06d}.png`` (grayscale stays 'L')."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(images)
+    grayscale = images.shape[1] == 1
+    paths = []
+    for i, image in enumerate(pixels):
+        path = folder / f"{start + i:06d}.png"
+        Image.fromarray(image[:, :, 0] if grayscale else image).save(path)
+        paths.append(path)
+    return paths
+
+
+def plot_metrics_overview(metrics_csv: str | Path, path: str | Path, ncols: int = 3) -> list[str]:
+    """Every column of a run's metrics.csv against step, one small panel each, in a single PNG.
+
+    Columns without a finite value (e.g. ``p_loss`` when the perceptual loss is off) are skipped.
+    Returns the columns drawn; nothing is written when there are none.
+    """
+    metrics = read_metrics(metrics_csv)
+    steps = metrics.get("step", [])
+    columns = [c for c, values in metrics.items()
+               if c != "step" and any(math.isfinite(v) for v in values)]
+    if not columns or not steps:
+        return []
+    rows = math.ceil(len(columns) / ncols)
+    fig, axes = plt.subplots(rows, ncols, figsize=(3.6 * ncols, 2.4 * rows), squeeze=False)
+    for ax, column in zip(axes.flat, columns):
+        ax.plot(steps, metrics[column], lw=1.2)
+        ax.set_title(column, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(columns):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return columns

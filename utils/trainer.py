@@ -8,20 +8,21 @@ import contextlib
 import copy
 import math
 import os
+import random
 import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from utils.checkpoint import load_checkpoint
-from utils.config import config_diff
+from utils.checkpoint import CheckpointError, UnreadableCheckpointError, load_checkpoint, remove_stale_temp_files
+from utils.config import ConfigError, config_diff
 from utils.distributed import DistInfo
 
 
@@ -44,6 +45,11 @@ def resolve_device(spec: str, info: DistInfo) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", info.local_rank)
     return device
+
+
+def device_type_of(spec: str) -> str:
+    """``cuda`` or ``cpu``: the kind of device ``train.device`` asks for, known before any process starts."""
+    return "cuda" if spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def configure_backends(device: torch.device) -> None:
@@ -111,8 +117,7 @@ class ModelEMA:
 
 
 def set_seed(seed: int) -> None:
-    import random
-
+    """Seed Python's and torch's generators (numpy is only used with explicit generators)."""
     random.seed(seed)
     torch.manual_seed(seed)
 
@@ -137,29 +142,57 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], *, resume: bool, forc
     """Check the run folder and return the checkpoint to resume from (or None for a fresh run).
 
     A folder holding a previous run is never overwritten unless ``force``; ``resume`` continues
-    from ``checkpoints/last.pt`` and refuses a changed config unless ``force``.
+    from ``checkpoints/last.pt`` and refuses a changed config unless ``force``. Temporary files left
+    by a checkpoint write that was killed are removed.
     """
-    last = run_dir / "checkpoints" / "last.pt"
-    has_run = (run_dir / "config.yaml").exists() or last.exists()
-    if resume:
-        if not last.exists():
-            print(f"--resume: no checkpoint in {last.parent} yet; starting from step 0.")
-            check_writable(run_dir)
-            return None
-        state = load_checkpoint(last, kind=kind)
+    checkpoints = run_dir / "checkpoints"
+    last = checkpoints / "last.pt"
+    has_run = any((run_dir / name).exists() for name in ("config.yaml", "metrics.csv")) or any(checkpoints.glob("*.pt"))
+    if resume and not last.exists():
+        print(f"--resume: no checkpoint in {checkpoints} yet; starting from step 0.")
+    elif resume:
+        state = _load_last(last, kind)
         differences = config_diff(state["config"], config)
         if differences and not force:
             raise RunDirError("the config differs from the one the run was started with:\n  "
                               + "\n  ".join(differences)
                               + "\nResume with the original config, or add --force to continue with the new one.")
         check_writable(run_dir)
+        remove_stale_temp_files(checkpoints)
         return state
-    if has_run and not force:
+    elif has_run and not force:
         raise RunDirError(f"run folder '{run_dir}' already holds a run. Use --resume to continue it, "
                           f"--force to start over in it (its checkpoints will be overwritten), "
                           f"or --run-dir to pick another folder.")
     check_writable(run_dir)
+    if checkpoints.is_dir():
+        remove_stale_temp_files(checkpoints)
     return None
+
+
+def _load_last(last: Path, kind: str) -> dict[str, Any]:
+    """``last.pt``, or an error that points at the newest periodic checkpoint when it is unreadable."""
+    try:
+        return load_checkpoint(last, kind=kind)
+    except UnreadableCheckpointError as err:
+        periodic = sorted(last.parent.glob("step_*.pt"))
+        if not periodic:
+            raise
+        raise CheckpointError(f"{err}\nTo resume from the newest periodic checkpoint instead, copy "
+                              f"{periodic[-1]} to {last}.") from err
+
+
+def prepare_run(run_dir: Path, config: dict[str, Any], *, resume: bool, force: bool, kind: str,
+                info: DistInfo) -> dict[str, Any] | None:
+    """:func:`prepare_run_dir` on rank 0; the other ranks then load the checkpoint rank 0 chose."""
+    state = prepare_run_dir(run_dir, config, resume=resume, force=force, kind=kind) if info.is_main else None
+    if not info.enabled:
+        return state
+    flag = [state is not None]
+    dist.broadcast_object_list(flag, src=0)
+    if info.is_main or not flag[0]:
+        return state
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt", kind=kind)
 
 
 class StopRequest:
@@ -195,25 +228,43 @@ class StopRequest:
 
 @dataclass
 class BadStepTracker:
-    """Counts consecutive non-finite steps and stops training after ``max_bad`` of them."""
+    """Counts non-finite steps (in a row and in all) and stops training after ``max_bad`` in a row."""
 
     max_bad: int
     consecutive: int = 0
     total: int = 0
-    last_cause: str = ""
 
-    def record(self, cause: str | None, last_checkpoint: Path) -> None:
+    def record(self, step: int, cause: str | None, last_checkpoint: Path) -> None:
+        """Note whether ``step`` (0-based) was good (``cause`` None) or skipped because ``cause`` was non-finite."""
         if cause is None:
             self.consecutive = 0
             return
         self.consecutive += 1
         self.total += 1
-        self.last_cause = cause
         if self.consecutive >= self.max_bad:
+            first = step + 2 - self.consecutive
             raise TrainingStopped(
-                f"{self.consecutive} consecutive steps had a non-finite {cause}; training stopped. "
-                f"The last good checkpoint is {last_checkpoint}. Lower train.lr, raise train.warmup_steps, "
-                f"use precision=fp32 or check the data, then continue with --resume.")
+                f"{self.consecutive} consecutive steps ({first}-{step + 1}) had a non-finite {cause}, so training "
+                f"stopped. The last good checkpoint is {last_checkpoint}. Lower train.lr, raise "
+                f"train.warmup_steps or train.max_bad_steps, use train.precision=fp32 or check the data, then "
+                f"continue with --resume.")
+
+
+class TensorSnapshot:
+    """Copies of tensors that a forward pass changes in place (codebook statistics and restarts,
+    BatchNorm statistics, LeCam anchors), so that a skipped step can be undone completely."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.saved: list[torch.Tensor] = []
+
+    def take(self) -> None:
+        self.saved = [t.detach().clone() for t in self.tensors]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for tensor, saved in zip(self.tensors, self.saved):
+            tensor.copy_(saved)
 
 
 def first_nonfinite(values: dict[str, float]) -> str | None:
@@ -257,8 +308,10 @@ def run_loop(settings: LoopSettings, info: DistInfo, device: torch.device, *,
         while step < settings.max_steps:
             logs = train_step(step)
             cause = logs.pop("nonfinite", None)
-            tracker.record(cause if isinstance(cause, str) else None,
-                           settings.checkpoint_dir / "last.pt")
+            if cause is not None and info.is_main:
+                bar.write(f"step {step + 1}: non-finite {cause}, update skipped "
+                          f"({tracker.consecutive + 1} in a row; training stops at {settings.max_bad_steps})")
+            tracker.record(step, cause, settings.checkpoint_dir / "last.pt")
             step += 1
             window_items += items_per_step
             bar.update(1)
@@ -269,20 +322,44 @@ def run_loop(settings: LoopSettings, info: DistInfo, device: torch.device, *,
                 window_start, window_items = time.perf_counter(), 0
                 bar.set_postfix({k: f"{logs[k]:.4g}" for k in settings.postfix_keys if k in logs})
                 log(step, logs)
-            if settings.sample_every > 0 and step % settings.sample_every == 0:
-                sample(step)
             periodic = settings.ckpt_every > 0 and step % settings.ckpt_every == 0
             if periodic or step == settings.max_steps:
                 save(step, periodic)
+            if settings.sample_every > 0 and step % settings.sample_every == 0:
+                sample(step)
             if stop.requested(info, device):
                 save(step, False)
                 bar.close()
+                name = stop.signal_name or "a stop signal in another process"
                 if info.is_main:
-                    print(f"\nReceived {stop.signal_name}: saved {settings.checkpoint_dir / 'last.pt'} at step "
-                          f"{step}. Continue with --resume.")
-                raise SystemExit(130 if stop.signal_name == "SIGINT" else 143)
+                    print(f"\nReceived {name}: saved {settings.checkpoint_dir / 'last.pt'} at step {step}. "
+                          f"Continue with --resume.")
+                raise SystemExit(130 if name == "SIGINT" else 143)
     bar.close()
     return step
+
+
+@contextlib.contextmanager
+def clean_exit(*user_errors: type[Exception]) -> Iterator[None]:
+    """Report errors a user can fix as one paragraph on stderr instead of a traceback.
+
+    Config, checkpoint, run-folder and the given ``user_errors`` exit with code 2; a run stopped
+    by non-finite steps exits with 1; a second Ctrl-C with 130.
+    """
+    try:
+        yield
+    except TrainingStopped as err:
+        _exit(1, f"training stopped: {err}")
+    except (ConfigError, CheckpointError, RunDirError, *user_errors) as err:
+        _exit(2, f"error: {err}")
+    except KeyboardInterrupt:
+        _exit(130, "interrupted before a checkpoint could be saved; the previous checkpoints are intact. "
+                   "Continue with --resume.")
+
+
+def _exit(code: int, message: str) -> NoReturn:
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 def describe_environment(device: torch.device, info: DistInfo) -> str:

@@ -1,0 +1,291 @@
+"""Loop pieces in utils/: schedules, weight EMA, signals, bad-step tracking, the step loop, run folders,
+clean error exits, metrics.csv, plots and the single-process side of utils/distributed.py."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import utils.logging
+from utils.checkpoint import CheckpointError, save_checkpoint
+from utils.config import ConfigError
+from utils.distributed import DistInfo, init_distributed, unwrap, wrap_ddp
+from utils.logging import MetricsLogger, read_metrics
+from utils.plots import image_grid, plot_training_curves, save_grid, save_reconstruction_grid
+from utils.trainer import (
+    BadStepTracker,
+    LoopSettings,
+    ModelEMA,
+    RunDirError,
+    StopRequest,
+    TensorSnapshot,
+    TrainingStopped,
+    clean_exit,
+    lr_factor,
+    prepare_run_dir,
+    run_loop,
+)
+
+SINGLE = DistInfo()
+CPU = torch.device("cpu")
+
+
+def test_lr_schedule_values() -> None:
+    assert [lr_factor(s, 4, 100, "constant", 0.1) for s in (0, 1, 3, 4, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(4, 4, 104, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_factor(54, 4, 104, "cosine", 0.1) == pytest.approx(0.55)
+    assert lr_factor(104, 4, 104, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(500, 4, 104, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(0, 0, 10, "cosine", 0.0) == pytest.approx(1.0)
+
+
+def test_model_ema_math() -> None:
+    model = nn.BatchNorm1d(2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = ModelEMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.running_mean.fill_(5.0)
+    ema.update(model)
+    assert torch.allclose(ema.module.weight, torch.full((2,), 1.2))  # 0.9 * 1 + 0.1 * 3
+    assert torch.equal(ema.module.running_mean, torch.full((2,), 5.0))  # buffers are copied
+    ema.update(model)
+    assert torch.allclose(ema.module.weight, torch.full((2,), 1.38))
+    assert not ema.module.training and not ema.module.weight.requires_grad
+    restored = ModelEMA(nn.BatchNorm1d(2), decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert torch.equal(restored.module.weight, ema.module.weight)
+
+
+def test_stop_request_turns_signals_into_a_flag() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert not stop.requested(SINGLE, CPU)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested(SINGLE, CPU) and stop.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second signal does not wait for the loop
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_bad_step_tracker_counts_runs_of_bad_steps(tmp_path: Path) -> None:
+    tracker = BadStepTracker(max_bad=2)
+    tracker.record(0, "rec_loss", tmp_path / "last.pt")
+    tracker.record(1, None, tmp_path / "last.pt")
+    tracker.record(2, "g_loss", tmp_path / "last.pt")
+    assert (tracker.consecutive, tracker.total) == (1, 2)
+    with pytest.raises(TrainingStopped, match=r"2 consecutive steps \(3-4\) had a non-finite d_loss") as info:
+        tracker.record(3, "d_loss", tmp_path / "last.pt")
+    assert str(tmp_path / "last.pt") in str(info.value) and "--resume" in str(info.value)
+
+
+def test_tensor_snapshot_undoes_in_place_updates() -> None:
+    bn = nn.BatchNorm1d(3)
+    snapshot = TensorSnapshot(list(bn.buffers()))
+    snapshot.take()
+    bn(torch.randn(8, 3) + 4)
+    assert bn.running_mean.abs().sum() > 0
+    snapshot.restore()
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
+
+
+def loop_settings(tmp_path: Path, **changes: int) -> LoopSettings:
+    values = dict(start_step=0, max_steps=6, log_every=2, sample_every=3, ckpt_every=4, max_bad_steps=2)
+    values.update(changes)
+    return LoopSettings(**values, desc="test", checkpoint_dir=tmp_path)
+
+
+def test_run_loop_logs_samples_and_saves_on_schedule(tmp_path: Path) -> None:
+    events: list[tuple] = []
+    bad = {2}
+
+    def train_step(step: int) -> dict[str, float]:
+        return {"nonfinite": "loss"} if step in bad else {"loss": float(step)}
+
+    end = run_loop(loop_settings(tmp_path), SINGLE, CPU, train_step=train_step,
+                   save=lambda s, periodic: events.append(("save", s, periodic)),
+                   log=lambda s, logs: events.append(("log", s, logs.get("loss"), logs["bad_steps"])),
+                   sample=lambda s: events.append(("sample", s)), items_per_step=4)
+    assert end == 6
+    assert events == [("log", 2, 1.0, 0.0), ("sample", 3), ("log", 4, 3.0, 1.0), ("save", 4, True),
+                      ("log", 6, 5.0, 1.0), ("save", 6, False), ("sample", 6)]
+
+
+def test_run_loop_stops_after_consecutive_bad_steps(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(TrainingStopped, match="non-finite rec_loss"):
+        run_loop(loop_settings(tmp_path, start_step=1), SINGLE, CPU, train_step=lambda s: {"nonfinite": "rec_loss"},
+                 save=lambda s, p: None, log=lambda s, logs: None, sample=lambda s: None, items_per_step=1)
+    assert "step 2: non-finite rec_loss, update skipped (1 in a row; training stops at 2)" in capsys.readouterr().out
+
+
+def test_run_loop_saves_and_exits_on_sigterm(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    saved = []
+
+    def train_step(step: int) -> dict[str, float]:
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    with pytest.raises(SystemExit) as info:
+        run_loop(loop_settings(tmp_path, ckpt_every=0), SINGLE, CPU, train_step=train_step,
+                 save=lambda s, p: saved.append(s), log=lambda s, logs: None, sample=lambda s: None, items_per_step=1)
+    assert info.value.code == 143 and saved == [2]
+    assert f"Received SIGTERM: saved {tmp_path / 'last.pt'} at step 2" in capsys.readouterr().out
+
+
+def test_prepare_run_dir_protects_existing_runs(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = {"train": {"lr": 0.1, "max_steps": 5}}
+    assert prepare_run_dir(run, config, resume=False, force=False, kind="vqgan") is None
+    (run / "metrics.csv").write_text("step\n")
+    with pytest.raises(RunDirError, match="already holds a run.*--resume.*--force"):
+        prepare_run_dir(run, config, resume=False, force=False, kind="vqgan")
+    assert prepare_run_dir(run, config, resume=False, force=True, kind="vqgan") is None
+
+    last = run / "checkpoints" / "last.pt"
+    save_checkpoint({"kind": "vqgan", "model": {}, "config": config, "step": 2}, last)
+    (last.parent / ".last.pt.tmp999").write_bytes(b"cut short")
+    changed = {"train": {"lr": 0.2, "max_steps": 5}}
+    with pytest.raises(RunDirError, match=r"train.lr: 0.1 -> 0.2\nResume with the original config.*--force"):
+        prepare_run_dir(run, changed, resume=True, force=False, kind="vqgan")
+    assert prepare_run_dir(run, changed, resume=True, force=True, kind="vqgan")["step"] == 2
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]
+
+
+def test_unreadable_last_checkpoint_points_at_the_newest_periodic_one(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    for name in ("step_000002.pt", "step_000004.pt"):
+        save_checkpoint({"kind": "vqgan", "model": {}, "config": {}, "step": 4}, checkpoints / name)
+    (checkpoints / "last.pt").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(CheckpointError, match="copy .*step_000004.pt to .*last.pt"):
+        prepare_run_dir(tmp_path, {}, resume=True, force=False, kind="vqgan")
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert prepare_run_dir(tmp_path / "run", {}, resume=True, force=False, kind="vqgan") is None
+    assert "starting from step 0" in capsys.readouterr().out
+
+
+def test_unwritable_run_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(RunDirError, match="cannot write to the run folder.*--run-dir"):
+        prepare_run_dir(blocker / "run", {}, resume=False, force=False, kind="vqgan")
+
+
+@pytest.mark.parametrize("error, code, prefix", [
+    (ConfigError("bad key"), 2, "error: bad key"),
+    (RunDirError("taken"), 2, "error: taken"),
+    (TrainingStopped("nan"), 1, "training stopped: nan"),
+    (KeyboardInterrupt(), 130, "interrupted before a checkpoint could be saved"),
+])
+def test_clean_exit_prints_one_paragraph(error: BaseException, code: int, prefix: str,
+                                         capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info, clean_exit():
+        raise error
+    assert info.value.code == code
+    assert capsys.readouterr().err.startswith(prefix)
+
+
+def test_clean_exit_lets_programming_errors_through() -> None:
+    with pytest.raises(ZeroDivisionError), clean_exit(ValueError):
+        raise ZeroDivisionError
+    with pytest.raises(SystemExit), clean_exit(ValueError):
+        raise ValueError("user error")
+
+
+def test_metrics_resume_drops_rows_after_the_checkpoint(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path, ["loss", "lr"], tensorboard=False)
+    for step in range(1, 6):
+        logger.log(step, {"loss": step / 10, "lr": 0.5})
+    logger.close()
+    with open(tmp_path / "metrics.csv", "a") as handle:
+        handle.write("6,0.6")  # a row cut short by a kill
+    with pytest.raises(KeyError, match="acc"):
+        logger.log(7, {"acc": 1.0})
+
+    resumed = MetricsLogger(tmp_path, ["loss", "lr"], resume_step=3, tensorboard=False)
+    resumed.log(4, {"loss": 0.04})
+    resumed.close()
+    metrics = read_metrics(tmp_path / "metrics.csv")
+    assert metrics["step"] == [1, 2, 3, 4]
+    assert metrics["loss"] == pytest.approx([0.1, 0.2, 0.3, 0.04])
+    assert metrics["lr"][:3] == [0.5] * 3 and math.isnan(metrics["lr"][3])
+
+    fresh = MetricsLogger(tmp_path, ["loss"], tensorboard=False)
+    fresh.close()
+    assert (tmp_path / "metrics.csv").read_text() == "step,loss\n"
+
+
+def test_image_grid_size_and_layout() -> None:
+    images = torch.full((5, 1, 8, 6), -1.0)
+    images[4] = 1.0
+    grid = image_grid(images, nrow=3, padding=2)
+    assert grid.size == (3 * (6 + 2) + 2, 2 * (8 + 2) + 2)  # (width, height)
+    pixels = np.asarray(grid)
+    assert pixels[2, 2].tolist() == [0, 0, 0]  # first image, grayscale repeated to RGB
+    assert pixels[12, 12].tolist() == [255, 255, 255]  # fifth image: second row, second column
+    assert pixels[0, 0].tolist() == [255, 255, 255]  # padding
+
+
+def test_saved_grids_are_upscaled_and_reconstructions_sit_below_inputs(tmp_path: Path) -> None:
+    save_grid(torch.zeros(2, 3, 4, 4), tmp_path / "g.png", nrow=2, min_size=64)
+    with Image.open(tmp_path / "g.png") as image:
+        assert image.size == (14 * 5, 8 * 5)  # 14x8 grid scaled by ceil(64 / 14)
+    inputs, recons = torch.ones(4, 3, 4, 4), -torch.ones(4, 3, 4, 4)
+    save_reconstruction_grid(inputs, recons, tmp_path / "r.png")
+    with Image.open(tmp_path / "r.png") as image:
+        small = image.resize((4 * 6 + 2, 2 * 6 + 2), Image.NEAREST)
+        assert small.getpixel((3, 3)) == (255, 255, 255) and small.getpixel((3, 9)) == (0, 0, 0)
+
+
+def test_training_curves_one_png_per_group_with_data(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path, ["loss", "usage", "d_loss"], tensorboard=False)
+    for step in (1, 2, 3):
+        logger.log(step, {"loss": 1.0 / step, "usage": 0.5})
+    logger.close()
+    written = plot_training_curves(tmp_path / "metrics.csv", tmp_path / "plots",
+                                   {"losses": ["loss"], "codebook": ["usage"], "gan": ["d_loss"]})
+    assert sorted(p.name for p in written) == ["codebook.png", "losses.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_single_process_distributed_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = init_distributed("cpu")
+    assert info == DistInfo() and info.is_main and not info.enabled
+    model = nn.Linear(2, 2)
+    assert wrap_ddp(model, info, CPU) is model and unwrap(model) is model
+
+
+def test_resumed_tensorboard_log_purges_events_after_the_checkpoint(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    created = []
+
+    class Writer:
+        def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
+            created.append((log_dir, purge_step))
+            self.scalars = []
+
+        def add_scalar(self, name: str, value: float, step: int) -> None:
+            self.scalars.append((name, value, step))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(utils.logging, "SummaryWriter", Writer)
+    MetricsLogger(tmp_path, ["loss"]).close()
+    logger = MetricsLogger(tmp_path, ["loss"], resume_step=40)
+    logger.log(41, {"loss": 0.5})
+    logger.log(42, {"loss": math.nan})
+    assert created == [(str(tmp_path / "tensorboard"), None), (str(tmp_path / "tensorboard"), 41)]
+    assert logger.writer.scalars == [("loss", 0.5, 41)]
