@@ -1,0 +1,385 @@
+"""Use trained checkpoints: sample images, measure reconstructions, export tokens, draw pictures.
+
+    python generate.py sample --checkpoint STAGE2.pt --num 64 --out DIR [--class C ...] [--seed S]
+        [--temperature T] [--top-k K] [--top-p P] [--cfg-scale S] [--fid-ref test|CONFIG|FOLDER]
+    python generate.py reconstruct --checkpoint STAGE1.pt --input test|CONFIG|FOLDER --out DIR
+        [--num N] [--fid] [--lpips]
+    python generate.py tokens --checkpoint STAGE1.pt --input test|CONFIG|FOLDER --out FILE.npy
+    python generate.py tokens --decode --checkpoint STAGE1.pt --input FILE.npy --out DIR
+    python generate.py visualize --checkpoint STAGE1_OR_STAGE2.pt --out DIR [--run-dir runs/NAME]
+
+Image inputs (``--input``, ``--fid-ref``): ``test`` is the test split of the data the checkpoint
+was trained on; a YAML config means the test split of its ``data`` section; a folder means every
+image under it. Images are resized to the model's resolution and channel count. Everything runs
+without gradients, in eval mode, in batches on ``--device`` (default: CUDA when available).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dataloader import DataError
+from pipeline.evaluate import FeatureSet, ReconstructionMetrics, decode_batches, generation_fid, reconstruct_batches
+from pipeline.inputs import ImageSet, data_config_of, resolve_images
+from pipeline.loading import load_prior, load_vqgan, vqgan_from_state
+from pipeline.visualize import prior_samples_picture, tokenizer_pictures, training_curves_picture
+from transformer import VQGANPrior
+from utils.checkpoint import load_checkpoint
+from utils.config import Stage2Config, from_dict
+from utils.inception import InceptionWeightsError, load_inception
+from utils.plots import save_grid, save_images, save_reconstruction_grid
+from utils.trainer import clean_exit
+from vqgan import LPIPS, VQGAN, LPIPSWeightsError, LPIPSWeightsMismatchError
+
+GRID_IMAGES = 64
+GRID_COLUMNS = 8
+MAX_CLASS_COLUMNS = 16
+
+
+class UsageError(Exception):
+    """A request that cannot be carried out; the message says why and what to pass instead."""
+
+
+def pick_device(spec: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device, which must exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise UsageError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec} but CUDA is not available; use --device cpu or auto.")
+    return device
+
+
+def image_shape(vqgan: VQGAN) -> dict[str, int]:
+    return {"image_size": vqgan.resolution, "channels": vqgan.config["in_channels"]}
+
+
+def report(metrics: dict[str, Any], out_dir: Path, title: str) -> None:
+    """Write ``out_dir/metrics.json`` and print the numbers as a table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    width = max(len(key) for key in metrics)
+    lines = [title, "-" * max(len(title), width + 14)]
+    for key, value in metrics.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    print("\n".join(lines))
+    print(f"wrote {out_dir / 'metrics.json'}")
+
+
+def sampling_settings(prior: VQGANPrior, state: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """Temperature, top-k, top-p and CFG scale: the flags given, else the checkpoint's ``sample`` section."""
+    defaults = from_dict(Stage2Config, state["config"]).sample
+    given = {key: getattr(args, key, None) for key in ("temperature", "top_k", "top_p", "cfg_scale")}
+    settings = {key: getattr(defaults, key) if value is None else value for key, value in given.items()}
+    if settings["top_k"] == 0:
+        settings["top_k"] = None
+    if not prior.class_conditional:
+        if given["cfg_scale"] not in (None, 1.0):
+            raise UsageError(f"--cfg-scale {given['cfg_scale']} needs a class-conditional prior, and this one is "
+                             f"unconditional; leave --cfg-scale out.")
+        settings["cfg_scale"] = 1.0
+    return settings
+
+
+def sample_labels(prior: VQGANPrior, classes: list[int] | None, num: int) -> torch.Tensor | None:
+    """One class per sample: the ``--class`` ids in turn, or classes 0..C-1 in turn when none are given."""
+    if classes is None:
+        return torch.arange(num) % prior.num_classes if prior.class_conditional else None
+    requested = torch.tensor(classes, dtype=torch.long)
+    try:
+        prior.check_labels(requested)
+    except ValueError as err:
+        raise UsageError(f"--class: {err}") from err
+    return requested.repeat(math.ceil(num / len(classes)))[:num]
+
+
+def load_any(path: str, device: torch.device) -> tuple[VQGAN, VQGANPrior | None, dict]:
+    """A stage-1 or a stage-2 checkpoint: (VQGAN, prior or None, checkpoint dict)."""
+    state = load_checkpoint(path)
+    if state["kind"] == "transformer":
+        prior, state = load_prior(path, device)
+        return prior.vqgan, prior, state
+    return vqgan_from_state(state, path, device), None, state
+
+
+def input_images(spec: str, vqgan: VQGAN, state: dict, limit: int | None = None) -> ImageSet:
+    return resolve_images(spec, data_config_of(state["config"]), limit=limit, **image_shape(vqgan))
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    prior, state = load_prior(args.checkpoint, device)
+    settings = sampling_settings(prior, state, args)
+    labels = sample_labels(prior, args.classes, args.num)
+    reference = input_images(args.fid_ref, prior.vqgan, state) if args.fid_ref else None
+    if reference is not None and args.num < 2:
+        raise UsageError("FID needs at least 2 samples; raise --num (thousands for a meaningful value).")
+    inception = load_inception(args.inception, device) if reference is not None else None
+    out = Path(args.out)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    features = FeatureSet()
+    shown: list[torch.Tensor] = []
+    for start in tqdm(range(0, args.num, args.batch_size), desc="sampling", dynamic_ncols=True):
+        count = min(args.batch_size, args.num - start)
+        chunk = None if labels is None else labels[start:start + count]
+        _, images = prior.sample(count, chunk, generator=generator, **settings)
+        images = images.clamp(-1, 1).float().cpu()
+        save_images(images, out, start)
+        shown.append(images[:max(0, GRID_IMAGES - start)])
+        if inception is not None:
+            features.update(inception(images))
+    cycle = len(args.classes) if args.classes else prior.num_classes
+    columns = cycle if 1 < cycle <= MAX_CLASS_COLUMNS else GRID_COLUMNS
+    save_grid(torch.cat(shown), out / "grid.png", nrow=min(columns, args.num))
+    print(f"wrote {args.num} samples to {out} ({out / 'grid.png'})")
+    if reference is not None:
+        loader = reference.loader(args.batch_size)
+        fid, n_reference = generation_fid(features, loader, inception, total=len(loader))
+        report({"checkpoint": args.checkpoint, "reference": reference.description, "n_samples": args.num,
+                "n_reference": n_reference, "fid": fid, "seed": args.seed, **settings}, out, "generation FID")
+
+
+def load_lpips(vgg: str | None, heads: str | None, device: torch.device) -> LPIPS:
+    try:
+        return LPIPS(vgg, heads).to(device)
+    except LPIPSWeightsError as err:
+        raise UsageError(f"{err}\nFor generate.py: pass the files with --lpips-vgg FILE and --lpips-heads FILE, "
+                         f"or leave out --lpips.") from err
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    vqgan, state = load_vqgan(args.checkpoint, device)
+    images = input_images(args.input, vqgan, state, args.num)
+    if args.fid and len(images.dataset) < 2:
+        raise UsageError("rFID needs at least 2 images; use more images (--num).")
+    inception = load_inception(args.inception, device) if args.fid else None
+    lpips = load_lpips(args.lpips_vgg, args.lpips_heads, device) if args.lpips else None
+    metrics = ReconstructionMetrics(vqgan.codebook_size, inception, lpips)
+    out = Path(args.out)
+    loader = images.loader(args.batch_size)
+    shown: list[tuple[torch.Tensor, torch.Tensor]] = []
+    batches = reconstruct_batches(vqgan, loader, device)
+    for originals, _, indices, reconstructions in tqdm(batches, desc="reconstructing", total=len(loader),
+                                                       dynamic_ncols=True):
+        save_images(torch.cat([originals, reconstructions], dim=-1), out, metrics.count)
+        if metrics.count < GRID_COLUMNS:
+            shown.append((originals, reconstructions))
+        metrics.update(originals, reconstructions, indices)
+    originals, reconstructions = (torch.cat(parts)[:GRID_COLUMNS] for parts in zip(*shown))
+    save_reconstruction_grid(originals, reconstructions, out / "grid.png")
+    report({"checkpoint": args.checkpoint, "input": images.description, **metrics.result()}, out,
+           "reconstruction metrics")
+
+
+def encode_tokens(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    vqgan, state = load_vqgan(args.checkpoint, device)
+    images = input_images(args.input, vqgan, state, args.num)
+    all_indices, all_labels = [], []
+    for batch, labels in tqdm(images.loader(args.batch_size), desc="encoding", dynamic_ncols=True):
+        all_indices.append(vqgan.encode_to_indices(batch.to(device)).cpu())
+        all_labels.append(labels)
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        out = out.with_name(out.name + ".npy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    indices = torch.cat(all_indices).to(torch.int32).numpy()
+    np.save(out, indices)
+    print(f"wrote {out}: {indices.shape[0]} token grids of {indices.shape[1]}x{indices.shape[2]} codes "
+          f"(int32, 0..{vqgan.codebook_size - 1})")
+    if images.num_classes > 0:
+        labels_path = out.with_suffix(".labels.npy")
+        np.save(labels_path, torch.cat(all_labels).long().numpy())
+        print(f"wrote {labels_path}: their class labels")
+
+
+def read_tokens(path: Path, vqgan: VQGAN) -> torch.Tensor:
+    """Code indices [N, h, w] from a .npy file of [N, h, w] or [N, h*w] integers, checked against ``vqgan``."""
+    if not path.is_file():
+        raise UsageError(f"token file '{path}' does not exist; write one with `generate.py tokens --out FILE.npy`.")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"'{path}' is not a .npy array ({err}).") from err
+    h, w = vqgan.latent_size
+    if not np.issubdtype(array.dtype, np.integer) or array.ndim not in (2, 3) or array.shape[1:] not in ((h, w),
+                                                                                                     (h * w,)):
+        raise UsageError(f"'{path}' holds {array.dtype} {array.shape}, but this VQGAN needs integer code grids "
+                         f"[N, {h}, {w}] (or [N, {h * w}]).")
+    if array.size and (array.min() < 0 or array.max() >= vqgan.codebook_size):
+        raise UsageError(f"'{path}' holds codes in [{array.min()}, {array.max()}], but this VQGAN has "
+                         f"{vqgan.codebook_size} codes; decode with the checkpoint that wrote the tokens.")
+    return torch.from_numpy(array.astype(np.int64)).view(-1, h, w)
+
+
+def decode_tokens(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    vqgan, _ = load_vqgan(args.checkpoint, device)
+    indices = read_tokens(Path(args.input), vqgan)[:args.num]
+    out = Path(args.out)
+    shown: list[torch.Tensor] = []
+    batches = decode_batches(vqgan, indices, args.batch_size, device)
+    total = math.ceil(len(indices) / args.batch_size)
+    for i, images in enumerate(tqdm(batches, desc="decoding", total=total, dynamic_ncols=True)):
+        start = i * args.batch_size
+        save_images(images, out, start)
+        shown.append(images[:max(0, GRID_IMAGES - start)])
+    save_grid(torch.cat(shown), out / "grid.png", nrow=min(GRID_COLUMNS, len(indices)))
+    print(f"wrote {len(indices)} images to {out}")
+
+
+def cmd_tokens(args: argparse.Namespace) -> None:
+    (decode_tokens if args.decode else encode_tokens)(args)
+
+
+def cmd_visualize(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    vqgan, prior, state = load_any(args.checkpoint, device)
+    metrics_csv = Path(args.run_dir) / "metrics.csv" if args.run_dir else None
+    if metrics_csv is not None and not metrics_csv.is_file():
+        raise UsageError(f"--run-dir {args.run_dir} has no metrics.csv; pass a run folder written by "
+                         f"train_vqgan.py or train_transformer.py.")
+    images = input_images(args.input, vqgan, state, args.num)
+    out = Path(args.out)
+    loader = images.loader(args.batch_size)
+    written = tokenizer_pictures(vqgan, tqdm(loader, desc="encoding", dynamic_ncols=True), device, out)
+    if prior is not None:
+        generator = torch.Generator(device).manual_seed(args.seed)
+        written.append(prior_samples_picture(prior, out, args.per_class, generator,
+                                             **sampling_settings(prior, state, args)))
+    if metrics_csv is not None:
+        curves = training_curves_picture(metrics_csv.parent, out)
+        if curves is None:
+            print(f"note: {metrics_csv} has no values yet; no training curves drawn.")
+        else:
+            written.append(curves)
+    print("wrote " + ", ".join(str(path) for path in written))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def add_common(parser: argparse.ArgumentParser, checkpoint_help: str, batch_size: int = 64) -> None:
+    parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per batch")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+
+
+def add_input(parser: argparse.ArgumentParser, default: str | None = None, num_default: int | None = None,
+              also: str = "") -> None:
+    parser.add_argument("--input", required=default is None, default=default,
+                        help="'test' (the test split the checkpoint was trained with), a YAML config (test split "
+                             "of its data section) or a folder of images" + (f"; default {default}" if default else "")
+                             + also)
+    parser.add_argument("--num", type=positive_int, default=num_default,
+                        help="use only the first N images" + (f" (default {num_default})" if num_default else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    stage1 = "stage-1 checkpoint (runs/<name>/checkpoints/last.pt of train_vqgan.py)"
+
+    sample = commands.add_parser("sample", help="sample images from a stage-2 prior")
+    add_common(sample, "stage-2 checkpoint (written by train_transformer.py)")
+    sample.add_argument("--num", type=positive_int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--out", required=True, help="folder for 000000.png, ..., grid.png (and metrics.json)")
+    sample.add_argument("--class", dest="classes", type=non_negative_int, nargs="+", default=None,
+                        help="class id(s): one id for every sample, or several used in turn (sample i gets "
+                             "the (i mod k)-th id). Default for a class-conditional prior: 0, 1, ..., C-1 in turn")
+    sample.add_argument("--temperature", type=positive_float, default=None,
+                        help="softmax temperature (default: the checkpoint's sample.temperature)")
+    sample.add_argument("--top-k", type=non_negative_int, default=None,
+                        help="keep the k most likely codes; 0 = off (default: the checkpoint's sample.top_k)")
+    sample.add_argument("--top-p", type=probability, default=None,
+                        help="nucleus sampling mass; 1 = off (default: the checkpoint's sample.top_p)")
+    sample.add_argument("--cfg-scale", type=float, default=None,
+                        help="classifier-free guidance scale, 1 = off (default: the checkpoint's sample.cfg_scale)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
+    sample.add_argument("--fid-ref", default=None,
+                        help="also compute FID against these real images: 'test', a YAML config or a folder")
+    sample.add_argument("--inception", default=None, help="FID Inception weights file (default: found locally)")
+    sample.set_defaults(run=cmd_sample)
+
+    reconstruct = commands.add_parser("reconstruct", help="reconstruct images and measure the tokenizer")
+    add_common(reconstruct, stage1)
+    add_input(reconstruct)
+    reconstruct.add_argument("--out", required=True,
+                             help="folder for 000000.png (original | reconstruction), grid.png, metrics.json")
+    reconstruct.add_argument("--fid", action="store_true", help="add rFID (Inception features, reconstructions "
+                                                                "vs originals)")
+    reconstruct.add_argument("--inception", default=None, help="FID Inception weights file (default: found locally)")
+    reconstruct.add_argument("--lpips", action="store_true",
+                             help="add LPIPS (needs the VGG16 and LPIPS weights; an error says how to get them)")
+    reconstruct.add_argument("--lpips-vgg", default=None, help="VGG16 ImageNet weights file for --lpips")
+    reconstruct.add_argument("--lpips-heads", default=None, help="LPIPS linear-head weights (vgg.pth) for --lpips")
+    reconstruct.set_defaults(run=cmd_reconstruct)
+
+    tokens = commands.add_parser("tokens", help="export code indices to .npy, or decode them back (--decode)")
+    add_common(tokens, stage1)
+    add_input(tokens, also="; with --decode, the FILE.npy to decode")
+    tokens.add_argument("--out", required=True, help="FILE.npy to write, or with --decode a folder of PNGs")
+    tokens.add_argument("--decode", action="store_true",
+                        help="decode --input FILE.npy ([N, h, w] integer codes) into PNGs in --out")
+    tokens.set_defaults(run=cmd_tokens)
+
+    visualize = commands.add_parser("visualize", help="draw reconstructions, codebook usage, token maps, "
+                                                      "samples by class and training curves")
+    add_common(visualize, "stage-1 or stage-2 checkpoint (a stage-2 one adds sample grids by class)")
+    add_input(visualize, default="test", num_default=1000)
+    visualize.add_argument("--out", required=True, help="folder for the PNGs")
+    visualize.add_argument("--run-dir", default=None, help="run folder whose metrics.csv to plot")
+    visualize.add_argument("--per-class", type=positive_int, default=8, help="samples per class row (stage 2)")
+    visualize.add_argument("--seed", type=int, default=0, help="random seed of the samples")
+    visualize.set_defaults(run=cmd_visualize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], None] = args.run
+    with clean_exit(DataError, UsageError, InceptionWeightsError, LPIPSWeightsMismatchError):
+        with torch.no_grad():
+            run(args)
+
+
+if __name__ == "__main__":
+    main()
