@@ -31,6 +31,7 @@ from utils.trainer import (
     clean_exit,
     lr_factor,
     prepare_run_dir,
+    resolve_device,
     run_loop,
 )
 
@@ -289,3 +290,10 @@ def test_resumed_tensorboard_log_purges_events_after_the_checkpoint(tmp_path: Pa
     logger.log(42, {"loss": math.nan})
     assert created == [(str(tmp_path / "tensorboard"), None), (str(tmp_path / "tensorboard"), 41)]
     assert logger.writer.scalars == [("loss", 0.5, 41)]
+
+
+def test_resolve_device_names_the_fix_when_cuda_is_missing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", DistInfo()).type == "cpu"
+    with pytest.raises(ConfigError, match="train.device=cpu or auto"):
+        resolve_device("cuda", DistInfo())

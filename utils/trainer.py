@@ -41,7 +41,7 @@ def resolve_device(spec: str, info: DistInfo) -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={spec} but CUDA is not available. Use train.device=cpu or auto.")
+            raise ConfigError(f"train.device={spec} but CUDA is not available. Use train.device=cpu or auto.")
         if device.index is None:
             device = torch.device("cuda", info.local_rank)
     return device
