@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ from utils.trainer import (
     default_run_dir,
     describe_environment,
     device_type_of,
+    finish_message,
     first_nonfinite,
     lr_factor,
     make_adam,
@@ -189,12 +191,14 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
                             max_bad_steps=cfg.train.max_bad_steps, desc="stage 2", checkpoint_dir=checkpoint_dir,
                             postfix_keys=("loss", "items_per_s"))
     prior.train()
+    started = time.perf_counter()
     try:
         step = run_loop(settings, info, device, train_step=train_step, save=save, log=log, sample=sample,
                         items_per_step=cfg.train.batch_size * cfg.train.grad_accum * prior.seq_len * info.world_size)
         if info.is_main and step > start_step:
             sample(step)
-            print(f"done: {step} steps. Checkpoint {checkpoint_dir / 'last.pt'}")
+            seconds = time.perf_counter() - started
+            print(finish_message(step - start_step, seconds, device, checkpoint_dir / "last.pt"))
     finally:
         if logger is not None:
             logger.close()

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from dataloader import DataError, build_dataset, build_loader, infinite_batches
+from pipeline.builders import build_models
 from utils.checkpoint import (
     load_state_dict_checked,
     save_checkpoint,
@@ -37,6 +38,7 @@ from utils.trainer import (
     default_run_dir,
     describe_environment,
     device_type_of,
+    finish_message,
     first_nonfinite,
     lr_factor,
     make_adam,
@@ -59,14 +61,6 @@ PLOT_GROUPS = {
     "gan": ["g_loss", "d_loss", "d_weight", "logits_real", "logits_fake"],
     "codebook": ["usage", "perplexity"],
 }
-
-
-def build_models(cfg: Stage1Config) -> tuple[VQGAN, Discriminator, VQGANLoss]:
-    """VQGAN, discriminator and loss exactly as the config describes them."""
-    model = VQGAN(**dataclasses.asdict(cfg.model), in_channels=cfg.data.channels, resolution=cfg.data.image_size)
-    disc = Discriminator(**dataclasses.asdict(cfg.disc), in_channels=cfg.data.channels)
-    loss = VQGANLoss(**dataclasses.asdict(cfg.loss))
-    return model, disc, loss
 
 
 def summary(model: VQGAN, disc: Discriminator, loss: VQGANLoss, dataset_size: int, env: str,
@@ -233,12 +227,14 @@ def train(cfg: Stage1Config, run_dir: Path, args: argparse.Namespace, info: Dist
                             postfix_keys=("rec_loss", "usage", "items_per_s"))
     model.train()
     disc.train()
+    started = time.perf_counter()
     try:
         step = run_loop(settings, info, device, train_step=train_step, save=save, log=log, sample=sample,
                         items_per_step=cfg.train.batch_size * cfg.train.grad_accum * info.world_size)
         if info.is_main and step > start_step:
             sample(step)
-            print(f"done: {step} steps. Checkpoint {checkpoint_dir / 'last.pt'}")
+            seconds = time.perf_counter() - started
+            print(finish_message(step - start_step, seconds, device, checkpoint_dir / "last.pt"))
     finally:
         if logger is not None:
             logger.close()

@@ -1,1 +1,1 @@
-"""Glue shared by the scripts: rebuilding models from checkpoints and tokenising datasets."""
+"""Glue shared by the scripts: building models, loading checkpoints, tokenising, evaluating, pictures."""

@@ -67,6 +67,17 @@ def test_every_config_named_in_the_readme_loads():
         load_config(cls, REPO / name).validate()
 
 
+def _quick_module(command: list[str], out: Path) -> list[str]:
+    """The quick form of a ``python -m benchmarks...`` command: a tiny model, one variant, a few steps."""
+    module = command[2]
+    if module == "benchmarks.run":
+        return [sys.executable, "-m", module, "--device", "cpu", "--tiny", "--threads", "1",
+                "--out", str(out / "bench.json")]
+    assert module == "benchmarks.ablation", f"README runs an unknown module {module}"
+    return [sys.executable, "-m", module, "--config", "configs/quickstart.yaml", "--only", "ours",
+            "--eval-images", "8", "--out", str(out / "ablation"), *_overrides(STAGE1)]
+
+
 def _quick(command: list[str]) -> list[str] | None:
     """The quick form of a README command, or None when it only needs its config checked."""
     script = command[1] if command[0] == "python" else None
@@ -97,6 +108,12 @@ def test_readme_commands_run(workdir):
             assert (REPO / script).is_file()
             config = command[command.index("--config") + 1]
             load_config(Stage1Config, REPO / config)
+            continue
+        if command[:2] == ["python", "-m"]:
+            result = subprocess.run(_quick_module(command, workdir), cwd=workdir, env=script_env(),
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, f"{shlex.join(command)} failed:\n{result.stderr[-2000:]}"
+            ran.append(command[1:3])
             continue
         quick = _quick(command)
         if quick is None:

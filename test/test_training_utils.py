@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 import utils.logging
+import utils.trainer
 from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.config import ConfigError
 from utils.distributed import DistInfo, init_distributed, unwrap, wrap_ddp
@@ -28,8 +30,11 @@ from utils.trainer import (
     StopRequest,
     TensorSnapshot,
     TrainingStopped,
+    autocast_dtype,
     clean_exit,
+    finish_message,
     lr_factor,
+    peak_memory_mb,
     prepare_run_dir,
     resolve_device,
     run_loop,
@@ -297,3 +302,27 @@ def test_resolve_device_names_the_fix_when_cuda_is_missing(monkeypatch):
     assert resolve_device("auto", DistInfo()).type == "cpu"
     with pytest.raises(ConfigError, match="train.device=cpu or auto"):
         resolve_device("cuda", DistInfo())
+
+
+def test_precision_picks_bf16_only_where_asked_or_on_cuda() -> None:
+    assert autocast_dtype(CPU, "auto") is None
+    assert autocast_dtype(CPU, "fp32") is None
+    assert autocast_dtype(torch.device("cuda"), "auto") is torch.bfloat16
+    assert autocast_dtype(torch.device("cuda"), "fp32") is None
+
+
+def test_bf16_on_a_cpu_without_native_support_warns_with_the_fix(monkeypatch) -> None:
+    monkeypatch.setattr(utils.trainer, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="emulated.*train.precision=fp32"):
+        assert autocast_dtype(CPU, "bf16") is torch.bfloat16
+    monkeypatch.setattr(utils.trainer, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert autocast_dtype(CPU, "bf16") is torch.bfloat16
+
+
+def test_finish_message_reports_speed_peak_memory_and_checkpoint() -> None:
+    message = finish_message(10, 5.0, CPU, Path("runs/x/checkpoints/last.pt"))
+    assert message.startswith("done: 10 steps") and "(0.500 s/step)" in message
+    assert message.endswith("Checkpoint runs/x/checkpoints/last.pt")
+    assert 50 < peak_memory_mb(CPU) < 100_000  # a process that imported torch holds well over 50 MB

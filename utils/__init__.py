@@ -1,0 +1,1 @@
+"""Shared infrastructure: config, checkpoints, logging, plots, metrics, the training loop and DDP helpers."""

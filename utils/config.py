@@ -108,7 +108,8 @@ class TrainConfig:
     ema_decay: float = _opt(0.0, "EMA of the model weights used for samples and evaluation (0 = off)")
     seed: int = _opt(0, "random seed")
     device: str = _opt("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
-    precision: Literal["auto", "bf16", "fp32"] = _opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
+    precision: Literal["auto", "bf16", "fp32"] = _opt(
+        "auto", "auto = bf16 autocast on CUDA, fp32 on CPU; bf16 also pays on CPUs with AVX512-BF16 or AMX")
     compile: bool = _opt(False, "wrap models in torch.compile")
     channels_last: bool = _opt(True, "channels_last memory format on CUDA")
     log_every: int = _opt(50, "steps between metrics.csv rows and progress-bar updates")

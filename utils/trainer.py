@@ -9,10 +9,12 @@ import copy
 import math
 import os
 import random
+import resource
 import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
@@ -60,10 +62,18 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere it is emulated and slow."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """bf16 under ``auto`` on CUDA, never on CPU unless asked; None means full fp32."""
+    """bf16 under ``auto`` on CUDA, on CPU only when asked; None means full fp32."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("train.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and "
+                      "several times slower than fp32: set train.precision=fp32", stacklevel=2)
     return torch.bfloat16
 
 
@@ -360,6 +370,20 @@ def clean_exit(*user_errors: type[Exception]) -> Iterator[None]:
 def _exit(code: int, message: str) -> NoReturn:
     print(message, file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: max allocated on CUDA, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def finish_message(steps: int, seconds: float, device: torch.device, checkpoint: Path) -> str:
+    """The line a training script prints at the end: speed, peak memory, where the checkpoint is."""
+    per_step = seconds / max(steps, 1)
+    return (f"done: {steps} steps in {seconds / 60:.1f} min ({per_step:.3f} s/step), peak memory "
+            f"{peak_memory_mb(device):.0f} MB. Checkpoint {checkpoint}")
 
 
 def describe_environment(device: torch.device, info: DistInfo) -> str:

@@ -92,12 +92,15 @@ class VQGAN(nn.Module):
         return self.decoder.conv_out.weight
 
     def encode(self, x: torch.Tensor) -> QuantizerOutput:
+        """Images [B, C, H, W] in [-1, 1] -> quantizer output (z_q [B, embed_dim, h, w], loss, indices)."""
         return self.quantizer(self.quant_conv(self.encoder(x)))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantized latents [B, embed_dim, h, w] -> images [B, C, H, W]."""
         return self.decoder(self.post_quant_conv(z_q))
 
     def forward(self, x: torch.Tensor) -> VQGANOutput:
+        """Encode, quantize and decode: reconstruction, codebook loss, indices and batch perplexity."""
         quantized = self.encode(x)
         return VQGANOutput(self.decode(quantized.z_q), quantized.loss, quantized.indices, quantized.perplexity)
 

@@ -147,6 +147,11 @@ class VectorQuantizer(nn.Module):
             return distances.argmin(dim=1)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Snap encoder outputs [B, D, h, w] to their nearest codes (straight-through in training).
+
+        Returns z_q (same shape), the codebook + commitment loss, indices [B, h, w] and perplexity;
+        in training mode it also updates usage statistics, EMA codes and dead-code restarts.
+        """
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_lookup = self._to_lookup_space(z)
             flat = z_lookup.reshape(-1, self.lookup_dim)

@@ -1,0 +1,81 @@
+"""Alternating timing of benchmark variants: warm-up, repetitions, medians and paired speed-ups.
+
+Variants of one benchmark are timed in turns (A B, then B A, ...) so that a slow phase of a shared
+machine hits all of them alike; a speed-up is the median over repetitions of the ratio of the two
+times measured back to back.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.memory import PeakMemory, release_freed_memory
+
+
+@dataclass
+class Timing:
+    """Seconds of each timed repetition and the largest peak memory seen during them."""
+
+    seconds: list[float]
+    peak_bytes: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(
+    variants: Mapping[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    reps: int,
+    warmup: int,
+    warmups: Mapping[str, Callable[[], object]] | None = None,
+) -> dict[str, Timing]:
+    """Time each variant ``reps`` times, in alternating order, after ``warmup`` untimed calls of each.
+
+    ``warmups`` replaces the warm-up calls (e.g. a shorter run of the same code) where given.
+    """
+    names = list(variants)
+    warm = warmups or variants
+    release_freed_memory(device)
+    meter = PeakMemory(device)
+    for _ in range(warmup):
+        for name in names:
+            warm[name]()
+            synchronize(device)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    peaks: dict[str, int] = dict.fromkeys(names, 0)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            synchronize(device)
+            meter.reset()
+            start = time.perf_counter()
+            variants[name]()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], meter.peak_bytes())
+    return {name: Timing(seconds[name], peaks[name]) for name in names}
+
+
+def paired_speedup(fast: Timing, slow: Timing) -> float:
+    """Median over repetitions of slow time / fast time (the two were timed back to back)."""
+    return statistics.median(s / f for f, s in zip(fast.seconds, slow.seconds))
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call, as counted by ``torch.utils.flop_counter``."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()

@@ -1,0 +1,152 @@
+"""Fast paths give the same results as their straightforward versions; the benchmark script runs.
+
+Covered here: the discriminator step on the reused reconstruction (no second autoencoder
+forward), the fused adaptive-weight backward on a real VQGAN with LPIPS and a PatchGAN, both
+switches of the benchmark's training step together, and KV-cache sampling under guidance and
+filtering (plain cache-vs-recompute sampling is in test_sampling.py).
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from benchmarks import run as bench_run
+from benchmarks.runtime import reference
+from benchmarks.stage1 import build_setup, training_step
+from transformer import GPT, sample_tokens
+from utils.config import Stage1Config, load_config
+from vqgan import VQGAN, Discriminator, VQGANLoss
+
+TINY = dict(in_channels=3, resolution=16, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+            z_channels=4, embed_dim=4, codebook_size=16)
+TINY_OVERRIDES = ["data.image_size=16", "model.ch=8", "model.ch_mult=[1,2]", "model.attn_resolutions=[8]",
+                  "model.z_channels=4", "model.embed_dim=4", "model.codebook_size=16", "model.codebook_dim=null",
+                  "model.dead_code_steps=0", "disc.ndf=8", "disc.n_layers=2"]
+
+
+def images(batch: int = 2) -> torch.Tensor:
+    return torch.rand(batch, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def tiny_models(lpips_files=None, **loss_options) -> tuple[VQGAN, Discriminator, VQGANLoss]:
+    torch.manual_seed(0)
+    model = VQGAN(**TINY, ema=True, dead_code_steps=1).train()
+    disc = Discriminator(3, ndf=8, n_layers=2).train()
+    options = dict(perceptual_weight=0.0, disc_start=0, disc_weight=0.7, adaptive_weight_max=1e4) | loss_options
+    if lpips_files is not None:
+        options.update(perceptual_weight=0.5, lpips_vgg_path=lpips_files.vgg, lpips_heads_path=lpips_files.heads)
+    return model, disc, VQGANLoss(**options).train()
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Equal up to float rounding, measured against the largest gradient norm of the module.
+
+    (Biases of convolutions followed by a per-channel GroupNorm have gradients that are zero
+    analytically, so their rounding noise cannot be compared with their own size.)
+    """
+    assert a.keys() == b.keys() and a
+    scale = max(g.norm().item() for g in b.values())
+    for name in a:
+        error = (a[name] - b[name]).norm().item()
+        assert error <= 1e-5 * scale, f"{name}: |difference| {error:.3g}, largest |gradient| {scale:.3g}"
+
+
+def test_discriminator_step_on_the_reused_reconstruction_equals_a_second_forward() -> None:
+    model, disc, loss = tiny_models(lecam_weight=0.1)
+    x = images()
+    # The quantizer's EMA / dead-code / usage buffers change during a training-mode forward, so the
+    # second forward of the straightforward step is taken from the state the first one started in.
+    before_step = copy.deepcopy(model)
+    out = model(x)
+    loss.generator_backward(x, out.reconstruction, out.codebook_loss, disc, model.last_layer, step=0)
+    second = before_step(x).reconstruction
+    assert torch.equal(second, out.reconstruction)
+
+    disc_second, loss_second = copy.deepcopy(disc), copy.deepcopy(loss)
+    reused_loss, reused_logs = loss.discriminator_loss(x, out.reconstruction.detach(), disc, step=0)
+    reused_loss.backward()
+    second_loss, second_logs = loss_second.discriminator_loss(x, second.detach(), disc_second, step=0)
+    second_loss.backward()
+    assert reused_logs == second_logs
+    assert_same_grads(grads(disc), grads(disc_second))
+    for a, b in zip(disc.buffers(), disc_second.buffers()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("options", [{}, {"disc_loss": "vanilla", "rec_loss": "l2", "adaptive_weight_max": 0.5}])
+def test_fused_adaptive_weight_backward_matches_reference_on_a_real_vqgan(lpips_files, options: dict) -> None:
+    model, disc, loss = tiny_models(lpips_files, **options)
+    reference_model = copy.deepcopy(model)
+    x = images()
+    logs = {}
+    for name, net, fused in (("fused", model, True), ("reference", reference_model, False)):
+        out = net(x)
+        logs[name] = loss.generator_backward(x, out.reconstruction, out.codebook_loss, disc, net.last_layer,
+                                             step=0, fused=fused)
+    assert_same_grads(grads(model), grads(reference_model))
+    assert logs["fused"] == pytest.approx(logs["reference"], rel=1e-5)
+    assert logs["fused"]["p_loss"] > 0 and logs["fused"]["d_weight"] > 0
+    assert all(p.grad is None for p in disc.parameters())
+
+
+def tiny_stage1_config(lpips_files) -> Stage1Config:
+    return load_config(Stage1Config, "configs/quickstart.yaml", TINY_OVERRIDES + [
+        "loss.perceptual_weight=1.0", "loss.disc_start=0", f"loss.lpips_vgg_path={lpips_files.vgg}",
+        f"loss.lpips_heads_path={lpips_files.heads}"])
+
+
+def test_benchmark_training_step_switches_give_the_same_gradients(lpips_files) -> None:
+    cfg = tiny_stage1_config(lpips_files)
+    fast = build_setup(cfg, 2, reference(torch.device("cpu")))
+    slow = build_setup(cfg, 2, reference(torch.device("cpu")))
+    fast_logs = training_step(fast, 0, fused=True, reuse_reconstruction=True)
+    slow_logs = training_step(slow, 0, fused=False, reuse_reconstruction=False)
+    assert fast_logs == pytest.approx(slow_logs, rel=1e-5)
+    assert fast_logs["gan_factor"] > 0 and fast_logs["p_loss"] > 0
+    assert_same_grads(grads(fast.model), grads(slow.model))
+    assert_same_grads(grads(fast.disc), grads(slow.disc))
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_kv_cache_sampling_equals_recompute_with_guidance_and_filters(positions: str) -> None:
+    torch.manual_seed(0)
+    gpt = GPT(20, 24, n_layer=2, n_head=2, n_embd=32, positions=positions)
+    cond = torch.randint(20, (3, 2), generator=torch.Generator().manual_seed(2))
+    uncond = torch.full_like(cond, 19)
+    options = dict(temperature=0.8, top_k=10, top_p=0.9, cfg_scale=2.5, uncond_prefix=uncond)
+    cached, recomputed = (sample_tokens(gpt, cond, 22, generator=torch.Generator().manual_seed(3), use_cache=use_cache,
+                                        **options) for use_cache in (True, False))
+    assert torch.equal(cached, recomputed)
+
+
+def test_benchmark_script_writes_the_expected_json(tmp_path, capsys) -> None:
+    threads = torch.get_num_threads()
+    try:
+        report = bench_run.main(["--device", "cpu", "--tiny", "--threads", "1", "--out", str(tmp_path / "r.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert "speed-up" in capsys.readouterr().out
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert set(written) == {"meta", "results", "targets"}
+    assert written["meta"]["mode"] == "tiny" and written["meta"]["threads"] == 1
+    keys = {result["key"] for result in written["results"]}
+    sections = {key.split("/")[0] for key in keys}
+    assert sections == {"stage1_train", "encode", "decode", "stage2_train", "sampling"}
+    assert sum(key.startswith("stage1_train/") for key in keys) == 4
+    for result in written["results"]:
+        for figures in result["variants"].values():
+            assert figures["per_s"] > 0 and figures["peak_mb"] > 0 and len(figures["seconds"]) >= 1
+        if result["key"].startswith("stage1_train/"):
+            assert set(result["variants"]) == {"optimized", "straightforward"} and result["speedup"] > 0
+            assert all(v["gflop_per_item"] > 0 for v in result["variants"].values())
+    sampling = next(r for r in written["results"] if r["key"].startswith("sampling/"))
+    assert set(sampling["variants"]) == {"KV cache", "recompute"} and sampling["same_tokens"] is True
+    assert [t["need"] for t in written["targets"]] == [1.25, 10.0]
+    assert not any(t["at_target_size"] for t in written["targets"])
