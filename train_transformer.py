@@ -195,9 +195,9 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
     try:
         step = run_loop(settings, info, device, train_step=train_step, save=save, log=log, sample=sample,
                         items_per_step=cfg.train.batch_size * cfg.train.grad_accum * prior.seq_len * info.world_size)
+        seconds = time.perf_counter() - started
         if info.is_main and step > start_step:
             sample(step)
-            seconds = time.perf_counter() - started
             print(finish_message(step - start_step, seconds, device, checkpoint_dir / "last.pt"))
     finally:
         if logger is not None:
