@@ -4,9 +4,9 @@
 
 Every figure is the median of several timed repetitions after warm-up (synchronised on CUDA).
 Variants of a benchmark are timed alternately in the same run, and a speed-up is the median of
-their paired time ratios. The full run takes about an hour on 2 CPU cores (the recompute
-sampling baseline runs the GPT over the growing sequence 256 times per repetition); ``--quick``
-takes a few minutes.
+their paired time ratios. The full run takes about 20 minutes on 2 quiet CPU cores, half of it
+in the recompute sampling baseline (the GPT over the growing sequence, 256 times per repetition);
+``--quick`` takes a few minutes.
 
 On a CPU shared with other busy processes, ``--threads 1`` avoids intra-op threads waiting for
 each other on every operator, which otherwise dominates small operators such as one decoding step.
