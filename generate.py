@@ -27,16 +27,28 @@ import torch
 from tqdm import tqdm
 
 from dataloader import DataError
-from pipeline.evaluate import FeatureSet, ReconstructionMetrics, decode_batches, generation_fid, reconstruct_batches
-from pipeline.inputs import ImageSet, data_config_of, resolve_images
-from pipeline.loading import load_prior, load_vqgan, vqgan_from_state
-from pipeline.visualize import prior_samples_picture, tokenizer_pictures, training_curves_picture
+from dataloader.inputs import ImageSet, data_config_of, resolve_images
 from transformer import VQGANPrior
+from transformer.config import Stage2Config
 from utils.checkpoint import load_checkpoint
-from utils.config import Stage2Config, from_dict
-from utils.inception import InceptionWeightsError, load_inception
-from utils.plots import save_grid, save_images, save_reconstruction_grid
-from utils.trainer import clean_exit
+from utils.config import from_dict
+from utils.evaluation.inception import InceptionWeightsError, load_inception
+from utils.evaluation.reconstruction import (
+    FeatureSet,
+    ReconstructionMetrics,
+    decode_batches,
+    generation_fid,
+    reconstruct_batches,
+)
+from utils.pictures import (
+    prior_samples_picture,
+    save_grid,
+    save_images,
+    save_reconstruction_grid,
+    tokenizer_pictures,
+    training_curves_picture,
+)
+from utils.script import clean_exit
 from vqgan import LPIPS, VQGAN, LPIPSWeightsError, LPIPSWeightsMismatchError
 
 GRID_IMAGES = 64
@@ -62,7 +74,7 @@ def pick_device(spec: str) -> torch.device:
 
 
 def image_shape(vqgan: VQGAN) -> dict[str, int]:
-    return {"image_size": vqgan.resolution, "channels": vqgan.config["in_channels"]}
+    return {"image_size": vqgan.resolution, "channels": vqgan.in_channels}
 
 
 def report(metrics: dict[str, Any], out_dir: Path, title: str) -> None:
@@ -105,13 +117,32 @@ def sample_labels(prior: VQGANPrior, classes: list[int] | None, num: int) -> tor
     return requested.repeat(math.ceil(num / len(classes)))[:num]
 
 
+def load_vqgan(path: str, device: torch.device) -> tuple[VQGAN, dict]:
+    """A stage-1 checkpoint: (VQGAN in eval mode on ``device``, checkpoint dict)."""
+    state = load_checkpoint(path, kind="vqgan")
+    return VQGAN.from_checkpoint(state, path).to(device), state
+
+
+def prior_from_state(state: dict, path: str, device: torch.device) -> VQGANPrior:
+    """The prior of a stage-2 checkpoint dict, around the VQGAN that travels inside it, in eval mode."""
+    stage1 = {"model_config": state["vqgan_config"], "model": state["vqgan"]}
+    vqgan = VQGAN.from_checkpoint(stage1, f"{path} (stage-1 part)")
+    return VQGANPrior.from_checkpoint(vqgan, state, path).to(device)
+
+
+def load_prior(path: str, device: torch.device) -> tuple[VQGANPrior, dict]:
+    """A stage-2 checkpoint: (prior in eval mode on ``device``, checkpoint dict)."""
+    state = load_checkpoint(path, kind="transformer")
+    return prior_from_state(state, path, device), state
+
+
 def load_any(path: str, device: torch.device) -> tuple[VQGAN, VQGANPrior | None, dict]:
     """A stage-1 or a stage-2 checkpoint: (VQGAN, prior or None, checkpoint dict)."""
     state = load_checkpoint(path)
     if state["kind"] == "transformer":
-        prior, state = load_prior(path, device)
+        prior = prior_from_state(state, path, device)
         return prior.vqgan, prior, state
-    return vqgan_from_state(state, path, device), None, state
+    return VQGAN.from_checkpoint(state, path).to(device), None, state
 
 
 def input_images(spec: str, vqgan: VQGAN, state: dict, limit: int | None = None) -> ImageSet:

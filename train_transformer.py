@@ -4,57 +4,41 @@
         --vqgan runs/quickstart/checkpoints/last.pt [--run-dir DIR] [--resume] [key=value ...]
 
 The training images are tokenised once by the frozen VQGAN and cached in ``.cache/tokens/``
-(keyed by the stage-1 checkpoint and the data config); training then reads only the cache.
+(keyed by the stage-1 checkpoint and the data config); training then reads only the cache. Then a
+loop calls :func:`transformer.training.stage2_step` once per optimizer step and logs, samples,
+checkpoints and stops on a signal through the small helpers below.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
-import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from dataloader import DataError, build_loader, infinite_batches
-from pipeline.loading import load_vqgan
-from pipeline.tokens import tokenize_dataset
+from dataloader import DataError, build_dataset, build_loader, infinite_batches, num_classes_of
 from transformer import VQGANPrior
+from transformer.config import Stage2Config
+from transformer.token_cache import cache_key, tokenize_dataset
+from transformer.training import stage2_step
 from utils.checkpoint import (
+    load_checkpoint,
     load_state_dict_checked,
     save_checkpoint,
     set_rng_state,
     training_checkpoint,
 )
-from utils.config import ConfigError, Stage2Config, load_config, save_config, to_dict
-from utils.distributed import DistInfo, barrier, init_distributed, shutdown_distributed, wrap_ddp
-from utils.logging import MetricsLogger
-from utils.plots import plot_training_curves, save_grid
-from utils.trainer import (
-    LoopSettings,
-    RunDirError,
-    autocast,
-    autocast_dtype,
-    clean_exit,
-    configure_backends,
-    count_parameters,
-    default_run_dir,
-    describe_environment,
-    device_type_of,
-    finish_message,
-    first_nonfinite,
-    lr_factor,
-    make_adam,
-    prepare_run,
-    resolve_device,
-    run_loop,
-    set_lr,
-    set_seed,
-    training_parser,
-)
+from utils.config import ConfigError, DataConfig, save_config, to_dict
+from utils.device import autocast_dtype, configure_backends, describe_environment, resolve_device
+from utils.distributed import DistInfo, barrier, wrap_ddp
+from utils.logging import TrainingLog
+from utils.loop import BadStepTracker, StopSignal, is_due
+from utils.pictures import plot_training_curves, save_grid
+from utils.run_dir import RunDirError, prepare_run
+from utils.script import run_training, training_parser
+from utils.training import ModelEMA, autocast, count_parameters, lr_factor, make_adam, set_lr, set_seed
+from vqgan import VQGAN
 
 KIND = "transformer"
 METRIC_COLUMNS = ["lr", "loss", "bits_per_token", "grad_norm", "items_per_s", "bad_steps"]
@@ -63,18 +47,9 @@ TOKEN_CACHE = Path(".cache") / "tokens"
 
 
 def main(argv: list[str] | None = None) -> None:
-    with clean_exit(DataError):
-        parser = training_parser(__doc__)
-        parser.add_argument("--vqgan", required=True, help="stage-1 checkpoint (runs/<name>/checkpoints/last.pt)")
-        args = parser.parse_args(argv)
-        cfg = load_config(Stage2Config, args.config, args.overrides)
-        for warning in cfg.validate():
-            print(f"warning: {warning}", file=sys.stderr)
-        info = init_distributed(device_type_of(cfg.train.device))
-        try:
-            train(cfg, default_run_dir(args.config, args.run_dir), args, info)
-        finally:
-            shutdown_distributed()
+    parser = training_parser(__doc__, Stage2Config)
+    parser.add_argument("--vqgan", required=True, help="stage-1 checkpoint (runs/<name>/checkpoints/last.pt)")
+    run_training(parser, Stage2Config, train, argv, user_errors=(DataError,))
 
 
 def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: DistInfo) -> None:
@@ -82,16 +57,15 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
     configure_backends(device)
     config_dict = to_dict(cfg)
     resume_state = prepare_run(run_dir, config_dict, resume=args.resume, force=args.force, kind=KIND, info=info)
-    vqgan, vqgan_state = load_vqgan(args.vqgan, device)
+    vqgan_state = load_checkpoint(args.vqgan, kind="vqgan")
+    vqgan = VQGAN.from_checkpoint(vqgan_state, args.vqgan).to(device)
     check_stage1_matches(cfg, vqgan_state, args.vqgan)
     if resume_state is not None and not args.force:
-        check_same_vqgan(resume_state, vqgan_state, args.vqgan)
-    tokens = None
-    if info.is_main:
-        tokens = tokenize_dataset(vqgan, cfg.data, args.vqgan, TOKEN_CACHE, device)
-    barrier()
+        check_same_vqgan(resume_state, vqgan, args.vqgan)
+    tokens = tokenize(vqgan, cfg, args.vqgan, device) if info.is_main else None
+    barrier()  # rank 0 writes the cache; the others then read it
     if tokens is None:
-        tokens = tokenize_dataset(vqgan, cfg.data, args.vqgan, TOKEN_CACHE, device)
+        tokens = tokenize(vqgan, cfg, args.vqgan, device)
     indices, labels = tokens["indices"].long(), tokens["labels"].long()
     num_classes = int(tokens["num_classes"])
     if cfg.transformer.class_conditional and num_classes < 2:
@@ -100,8 +74,7 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
                           f"folder with one subfolder per class).")
 
     set_seed(cfg.train.seed)  # the same initial weights on every rank
-    prior = VQGANPrior(vqgan, **dataclasses.asdict(cfg.transformer),
-                       num_classes=num_classes if cfg.transformer.class_conditional else 0).to(device)
+    prior = VQGANPrior(vqgan, cfg.transformer, num_classes if cfg.transformer.class_conditional else 0).to(device)
     set_seed(cfg.train.seed + info.rank)
     optimizer = make_adam(prior.param_groups(cfg.train.weight_decay), cfg.train.lr, cfg.train.betas, 0.0, device)
     start_step = 0
@@ -110,18 +83,14 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
         optimizer.load_state_dict(resume_state["optimizer"])
         set_rng_state(resume_state["rng"])
         start_step = resume_state["step"]
-
+    # The EMA starts from the resumed weights when the checkpoint has none yet.
+    ema = ModelEMA(prior.gpt, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    if ema is not None and resume_state is not None and resume_state.get("ema") is not None:
+        ema.load_state_dict(resume_state["ema"])
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
-        h, w = prior.latent_size
-        print("\n".join([
-            "GPT prior (stage 2)", f"  run folder   {run_dir}",
-            f"  device       {describe_environment(device, info)}",
-            f"  stage 1      {args.vqgan} ({prior.codebook_size} codes, {h}x{w} tokens)",
-            f"  data         {len(indices)} token sequences, {num_classes} classes",
-            f"  gpt          {count_parameters(prior.gpt) / 1e6:.2f}M params, {cfg.transformer.n_layer} layers",
-            f"  steps        {cfg.train.max_steps} x batch {cfg.train.batch_size}"
-            + (f" (resumed at {start_step})" if start_step else "")]))
+        print(summary(prior, len(indices), num_classes, describe_environment(device, info), run_dir, args.vqgan, cfg,
+                      start_step))
 
     train_prior = wrap_ddp(prior, info, device)
     if cfg.train.compile:
@@ -130,78 +99,109 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
                           device_type=device.type, seed=cfg.train.seed, distributed=info.enabled)
     batches = infinite_batches(loader, start_step=start_step * cfg.train.grad_accum)
     amp_dtype = autocast_dtype(device, cfg.train.precision)
-    checkpoint_dir = run_dir / "checkpoints"
-    logger = MetricsLogger(run_dir, METRIC_COLUMNS, resume_step=start_step or None) if info.is_main else None
-    sample_labels = torch.arange(cfg.train.num_sample_images) % num_classes \
-        if prior.class_conditional else None
+    last_checkpoint = run_dir / "checkpoints" / "last.pt"
+    log = TrainingLog(run_dir, METRIC_COLUMNS, start_step=start_step, max_steps=cfg.train.max_steps,
+                      log_every=cfg.train.log_every, desc="stage 2", postfix_keys=("loss", "items_per_s"),
+                      items_per_step=cfg.train.batch_size * cfg.train.grad_accum * prior.seq_len * info.world_size,
+                      is_main=info.is_main, bad_steps=BadStepTracker(cfg.train.max_bad_steps, last_checkpoint))
 
-    def train_step(step: int) -> dict[str, float]:
-        lr = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.lr_schedule,
-                                      cfg.train.min_lr_ratio)
-        set_lr(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(cfg.train.grad_accum):
-            x, y = next(batches)
-            x = x.to(device, non_blocking=True)
-            y = y.to(device) if prior.class_conditional else None
-            with autocast(device, amp_dtype):
-                loss = train_prior(x, y)
-            (loss / cfg.train.grad_accum).backward()
-            total += loss.item() / cfg.train.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(prior.gpt.parameters(),
-                                                   cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
-        bad = first_nonfinite({"loss": total}) or (None if torch.isfinite(grad_norm) else "gradient")
-        if bad is not None:
-            optimizer.zero_grad(set_to_none=True)
-            return {"nonfinite": bad}
-        optimizer.step()
-        return {"lr": lr, "loss": total, "bits_per_token": total / math.log(2), "grad_norm": float(grad_norm)}
+    def checkpoint(step: int, now: bool = False) -> None:
+        """``last.pt`` (and ``step_XXXXXX.pt``) every ``train.ckpt_every`` steps, after the last step, or ``now``."""
+        periodic = is_due(step, cfg.train.ckpt_every) and not now
+        if info.is_main and (now or periodic or step == cfg.train.max_steps):
+            save(run_dir, step, periodic, config_dict, prior, optimizer, ema, vqgan_state)
 
-    def save(step: int, periodic: bool) -> None:
-        if not info.is_main:
-            return
-        state = training_checkpoint(KIND, step, config_dict, model=prior.gpt.state_dict(),
-                                    prior_config=prior.config, vqgan=vqgan_state["model"],
-                                    vqgan_config=vqgan_state["model_config"], optimizer=optimizer.state_dict())
-        save_checkpoint(state, checkpoint_dir / "last.pt")
-        if periodic:
-            save_checkpoint(state, checkpoint_dir / f"step_{step:06d}.pt")
+    def samples(step: int) -> None:
+        """A sample grid and plots every ``train.sample_every`` steps and after the last step."""
+        if info.is_main and (is_due(step, cfg.train.sample_every) or step == cfg.train.max_steps):
+            write_samples(run_dir, step, prior, ema, cfg, amp_dtype)
 
-    def log(step: int, values: dict[str, float]) -> None:
-        if logger is not None:
-            logger.log(step, {k: v for k, v in values.items() if k in METRIC_COLUMNS})
-
-    def sample(step: int) -> None:
-        if not info.is_main:
-            return
-        prior.eval()
-        generator = torch.Generator(device).manual_seed(cfg.train.seed)
-        with autocast(device, amp_dtype):
-            _, images = prior.sample(cfg.train.num_sample_images, sample_labels, temperature=cfg.sample.temperature,
-                                     top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
-                                     cfg_scale=cfg.sample.cfg_scale if prior.class_conditional else 1.0,
-                                     generator=generator)
-        prior.train()
-        save_grid(images, run_dir / "samples" / f"step_{step:06d}.png", nrow=min(8, len(images)))
-        plot_training_curves(run_dir / "metrics.csv", run_dir / "plots", PLOT_GROUPS)
-
-    settings = LoopSettings(start_step=start_step, max_steps=cfg.train.max_steps, log_every=cfg.train.log_every,
-                            sample_every=cfg.train.sample_every, ckpt_every=cfg.train.ckpt_every,
-                            max_bad_steps=cfg.train.max_bad_steps, desc="stage 2", checkpoint_dir=checkpoint_dir,
-                            postfix_keys=("loss", "items_per_s"))
     prior.train()
-    started = time.perf_counter()
-    try:
-        step = run_loop(settings, info, device, train_step=train_step, save=save, log=log, sample=sample,
-                        items_per_step=cfg.train.batch_size * cfg.train.grad_accum * prior.seq_len * info.world_size)
-        seconds = time.perf_counter() - started
-        if info.is_main and step > start_step:
-            sample(step)
-            print(finish_message(step - start_step, seconds, device, checkpoint_dir / "last.pt"))
-    finally:
-        if logger is not None:
-            logger.close()
+    with StopSignal() as stop, log:
+        for step in range(start_step + 1, cfg.train.max_steps + 1):  # counts steps done, from 1
+            lr = cfg.train.lr * lr_factor(step - 1, cfg.train.warmup_steps, cfg.train.max_steps,
+                                          cfg.train.lr_schedule, cfg.train.min_lr_ratio)
+            set_lr(optimizer, lr)
+            micro_batches = [to_device(next(batches), prior.class_conditional, device)
+                             for _ in range(cfg.train.grad_accum)]
+            logs = stage2_step(prior, optimizer, micro_batches, grad_clip=cfg.train.grad_clip, amp_dtype=amp_dtype,
+                               ema=ema, train_prior=train_prior)
+            log.step(step, logs, lr=lr)
+            checkpoint(step)
+            samples(step)
+            if stop.requested(info, device):
+                checkpoint(step, now=True)
+                stop.exit(info, last_checkpoint, step)
+    log.finish(device, last_checkpoint)
+
+
+def tokenize(vqgan: VQGAN, cfg: Stage2Config, vqgan_path: str, device: torch.device) -> dict:
+    """The training split's code indices, from ``.cache/tokens/`` when this checkpoint and data were seen before."""
+
+    def training_images() -> tuple[Dataset, int]:
+        dataset = build_dataset(cfg.data, "train", augment=False)
+        return dataset, num_classes_of(dataset)
+
+    return tokenize_dataset(vqgan, training_images, token_cache_path(vqgan_path, cfg.data, "train"), device,
+                            num_workers=cfg.data.num_workers)
+
+
+def token_cache_path(vqgan_path: str | Path, data: DataConfig, split: str) -> Path:
+    """Where the tokens of ``split`` live: named by the stage-1 checkpoint and the data settings that change images."""
+    settings = {k: v for k, v in to_dict(data).items() if k not in ("num_workers", "random_flip")}
+    return TOKEN_CACHE / f"{data.name}_{split}_{cache_key(vqgan_path, {'data': settings, 'split': split})}.pt"
+
+
+def to_device(batch: list[torch.Tensor], class_conditional: bool,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A loader batch of (indices, labels) on ``device``; labels only for a class-conditional prior."""
+    indices, labels = batch
+    return indices.to(device, non_blocking=True), labels.to(device) if class_conditional else None
+
+
+def save(run_dir: Path, step: int, periodic: bool, config: dict, prior: VQGANPrior, optimizer: torch.optim.Optimizer,
+         ema: ModelEMA | None, vqgan_state: dict) -> None:
+    """Write ``checkpoints/last.pt`` (and ``step_XXXXXX.pt`` when ``periodic``); the VQGAN travels inside."""
+    state = training_checkpoint(KIND, step, config, model=prior.gpt.state_dict(), prior_config=prior.prior_config,
+                                ema=ema.state_dict() if ema is not None else None, vqgan=prior.vqgan.state_dict(),
+                                vqgan_config=vqgan_state["model_config"], optimizer=optimizer.state_dict())
+    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
+    if periodic:
+        save_checkpoint(state, run_dir / "checkpoints" / f"step_{step:06d}.pt")
+
+
+@torch.no_grad()
+def write_samples(run_dir: Path, step: int, prior: VQGANPrior, ema: ModelEMA | None, cfg: Stage2Config,
+                  amp_dtype: torch.dtype | None) -> None:
+    """``samples/step_XXXXXX.png`` (classes cycling along each row; the EMA weights when kept) and the plots."""
+    gpt = prior.gpt
+    if ema is not None:
+        prior.gpt = ema.module
+    prior.eval()
+    device = next(prior.parameters()).device
+    labels = torch.arange(cfg.train.num_sample_images) % prior.num_classes if prior.class_conditional else None
+    generator = torch.Generator(device).manual_seed(cfg.train.seed)
+    with autocast(device, amp_dtype):
+        _, images = prior.sample(cfg.train.num_sample_images, labels, temperature=cfg.sample.temperature,
+                                 top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
+                                 cfg_scale=cfg.sample.cfg_scale if prior.class_conditional else 1.0,
+                                 generator=generator)
+    prior.gpt = gpt
+    prior.train()
+    save_grid(images, run_dir / "samples" / f"step_{step:06d}.png", nrow=min(8, len(images)))
+    plot_training_curves(run_dir / "metrics.csv", run_dir / "plots", PLOT_GROUPS)
+
+
+def summary(prior: VQGANPrior, num_sequences: int, num_classes: int, env: str, run_dir: Path, vqgan_path: str,
+            cfg: Stage2Config, start_step: int) -> str:
+    h, w = prior.latent_size
+    return "\n".join([
+        "GPT prior (stage 2)", f"  run folder   {run_dir}", f"  device       {env}",
+        f"  stage 1      {vqgan_path} ({prior.codebook_size} codes, {h}x{w} tokens)",
+        f"  data         {num_sequences} token sequences, {num_classes} classes",
+        f"  gpt          {count_parameters(prior.gpt) / 1e6:.2f}M params, {cfg.transformer.n_layer} layers",
+        f"  steps        {cfg.train.max_steps} x batch {cfg.train.batch_size}"
+        + (f" (resumed at {start_step})" if start_step else "")])
 
 
 def check_stage1_matches(cfg: Stage2Config, vqgan_state: dict, vqgan_path: str) -> None:
@@ -214,9 +214,9 @@ def check_stage1_matches(cfg: Stage2Config, vqgan_state: dict, vqgan_path: str) 
                               f"(its config.yaml), or pass the matching --vqgan checkpoint.")
 
 
-def check_same_vqgan(resume_state: dict, vqgan_state: dict, vqgan_path: str) -> None:
+def check_same_vqgan(resume_state: dict, vqgan: VQGAN, vqgan_path: str) -> None:
     """Resuming must keep the stage-1 model the run started with (its codes are what the GPT learned)."""
-    saved, given = resume_state["vqgan"], vqgan_state["model"]
+    saved, given = resume_state["vqgan"], vqgan.state_dict()
     same = saved.keys() == given.keys() and all(torch.equal(saved[k], given[k].cpu()) for k in saved)
     if not same:
         raise RunDirError(f"--vqgan {vqgan_path} is not the stage-1 model this run was started with, so its codes "

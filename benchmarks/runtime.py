@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from utils.trainer import autocast, autocast_dtype, configure_backends, make_adam
+from utils.device import autocast_dtype, configure_backends
+from utils.training import autocast, make_adam
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,8 @@
 """Stage-1 benchmarks: the VQGAN training step (optimized vs straightforward), encoding and decoding.
 
-The optimized training step is the one ``train_vqgan.py`` takes: one autoencoder forward, the
-fused generator backward, then the discriminator step on the detached reconstruction. The
-straightforward step is the reference formulation: the adaptive weight from two ``autograd.grad``
-calls on the decoder's last layer followed by a full backward, and a second autoencoder forward
-for the discriminator step. Both are :func:`training_step` with different switches.
+The optimized training step is :func:`vqgan.training.stage1_step`, the one ``train_vqgan.py`` takes:
+one autoencoder forward, the fused generator backward, then the discriminator step on the detached
+reconstruction. The straightforward step is :func:`benchmarks.reference.reference_stage1_step`.
 """
 
 from __future__ import annotations
@@ -16,12 +14,14 @@ from typing import Any
 
 import torch
 
+from benchmarks.reference import reference_stage1_step
 from benchmarks.report import record
 from benchmarks.runtime import Runtime, optimized, reference
 from benchmarks.timing import count_flops, time_alternating
-from pipeline.builders import build_models
-from utils.config import Stage1Config, load_config
+from utils.config import load_config
 from vqgan import VQGAN, Discriminator, VQGANLoss
+from vqgan.config import Stage1Config, build_stage1
+from vqgan.training import stage1_step
 
 NEVER = 10**12
 
@@ -63,7 +63,7 @@ class Stage1Setup:
 def build_setup(cfg: Stage1Config, batch: int, runtime: Runtime, seed: int = 0) -> Stage1Setup:
     """Models as ``train_vqgan.py`` builds them (same seed, same weights for every runtime)."""
     torch.manual_seed(seed)
-    model, disc, loss = build_models(cfg)
+    model, disc, loss = build_stage1(cfg)
     device, memory_format = runtime.device, runtime.memory_format
     model.to(device, memory_format=memory_format).train()
     disc.to(device, memory_format=memory_format).train()
@@ -76,45 +76,18 @@ def build_setup(cfg: Stage1Config, batch: int, runtime: Runtime, seed: int = 0) 
     return Stage1Setup(model, disc, loss, opt_ae, opt_d, images, runtime, train.grad_clip)
 
 
-def _clip(module: torch.nn.Module, max_norm: float) -> None:
-    params = [p for p in module.parameters() if p.grad is not None]
-    if params and max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+def training_step(setup: Stage1Setup, step: int) -> dict[str, float]:
+    """One optimizer step of :func:`vqgan.training.stage1_step` in the setup's runtime."""
+    with setup.runtime.backends():
+        return stage1_step(setup.model, setup.disc, setup.loss, setup.opt_ae, setup.opt_d, [setup.images], step,
+                           grad_clip=setup.grad_clip, amp_dtype=setup.runtime.amp_dtype)
 
 
-def training_step(setup: Stage1Setup, step: int, *, fused: bool, reuse_reconstruction: bool) -> dict[str, float]:
-    """One stage-1 optimizer step (autoencoder, then discriminator once the GAN is active).
-
-    ``fused`` selects the fused generator backward (else the reference two-``autograd.grad``
-    formulation); ``reuse_reconstruction`` feeds the discriminator the detached reconstruction of
-    the autoencoder forward already taken (else a second forward produces it, as in the reference
-    implementation; that forward records no autograd graph, which only favours the reference).
-    """
-    model, disc, loss, images, runtime = setup.model, setup.disc, setup.loss, setup.images, setup.runtime
-    setup.opt_ae.zero_grad(set_to_none=True)
-    setup.opt_d.zero_grad(set_to_none=True)
-    disc_active = loss.gan_factor(step) > 0
-    with runtime.backends():
-        with runtime.autocast():
-            out = model(images)
-            logs = loss.generator_backward(images, out.reconstruction, out.codebook_loss, disc, model.last_layer,
-                                           step, fused=fused)
-        if disc_active:
-            with runtime.autocast():
-                if reuse_reconstruction:
-                    fake = out.reconstruction.detach()
-                else:
-                    with torch.no_grad():
-                        fake = model(images).reconstruction
-                d_loss, d_logs = loss.discriminator_loss(images, fake, disc, step)
-            d_loss.backward()
-            logs.update(d_logs)
-        _clip(model, setup.grad_clip)
-        setup.opt_ae.step()
-        if disc_active:
-            _clip(disc, setup.grad_clip)
-            setup.opt_d.step()
-    return logs
+def straightforward_step(setup: Stage1Setup, step: int) -> dict[str, float]:
+    """One optimizer step the reference way (see :mod:`benchmarks.reference`)."""
+    with setup.runtime.backends(), setup.runtime.autocast():
+        return reference_stage1_step(setup.model, setup.disc, setup.loss, setup.opt_ae, setup.opt_d, setup.images,
+                                     step, setup.grad_clip)
 
 
 def _setups(cfg: Stage1Config, batch: int, device: torch.device) -> tuple[Stage1Setup, Stage1Setup]:
@@ -130,8 +103,8 @@ def bench_training(case: Stage1Case, losses_on: bool, lpips_files: tuple[Path, P
     cfg = case.load(losses_on, lpips_files)
     fast, slow = _setups(cfg, case.batch, device)
     variants = {
-        "optimized": lambda: training_step(fast, 0, fused=True, reuse_reconstruction=True),
-        "straightforward": lambda: training_step(slow, 0, fused=False, reuse_reconstruction=False),
+        "optimized": lambda: training_step(fast, 0),
+        "straightforward": lambda: straightforward_step(slow, 0),
     }
     timings = time_alternating(variants, device, reps=reps, warmup=warmup)
     flops = {name: count_flops(fn) for name, fn in variants.items()}

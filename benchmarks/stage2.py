@@ -1,8 +1,11 @@
-"""Stage-2 benchmarks: GPT training throughput and sampling with the KV cache vs full recompute."""
+"""Stage-2 benchmarks: GPT training throughput (the step ``train_transformer.py`` takes) and sampling with
+the KV cache vs full recompute."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,9 +13,14 @@ import torch
 from benchmarks.report import record
 from benchmarks.runtime import Runtime, optimized, reference
 from benchmarks.timing import count_flops, time_alternating
-from transformer import GPT, sample_tokens
+from transformer import GPT, VQGANPrior, sample_tokens
+from transformer.config import Stage2Config
+from transformer.prior import PriorConfig
+from transformer.training import stage2_step
+from utils.config import TrainConfig, load_config
+from vqgan import VQGAN, VQGANConfig
 
-LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 3e-4, (0.9, 0.95), 0.01, 1.0
+QUICKSTART_PRIOR = Path(__file__).resolve().parent.parent / "configs" / "quickstart_transformer.yaml"
 
 
 @dataclass(frozen=True)
@@ -33,21 +41,31 @@ class GPTCase:
         return f"{self.n_layer}L-{self.n_embd}w"
 
     def build(self, device: torch.device, seed: int = 0) -> GPT:
+        """The GPT alone (sampling)."""
         torch.manual_seed(seed)
         block = max(self.seq_len, self.sample_tokens)
-        return GPT(self.codebook_size + 1, block, self.n_layer, self.n_head, self.n_embd,
-                   out_vocab_size=self.codebook_size).to(device)
+        return GPT(self.codebook_size + 1, block, self.n_layer, self.n_head, self.n_embd, dropout=0.0,
+                   positions="learned", out_vocab_size=self.codebook_size).to(device)
+
+    def build_prior(self, device: torch.device, seed: int = 0) -> VQGANPrior:
+        """An unconditional prior with this GPT, around a minimal VQGAN with the right codebook and token grid."""
+        side = math.isqrt(self.seq_len)
+        torch.manual_seed(seed)
+        vqgan = VQGAN(VQGANConfig(codebook_size=self.codebook_size, embed_dim=4, ch=4, ch_mult=(1,), z_channels=4,
+                                  attn_resolutions=()), in_channels=3, resolution=side)
+        config = PriorConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, class_conditional=False)
+        return VQGANPrior(vqgan, config).to(device)
 
 
-def _train_step(gpt: GPT, optimizer: torch.optim.Optimizer, runtime: Runtime, inputs: torch.Tensor,
-                targets: torch.Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
+def training_settings() -> TrainConfig:
+    """The optimizer settings of the quickstart prior's config."""
+    return load_config(Stage2Config, QUICKSTART_PRIOR).train
+
+
+def _train_step(prior: VQGANPrior, optimizer: torch.optim.Optimizer, runtime: Runtime, indices: torch.Tensor,
+                grad_clip: float) -> None:
     with runtime.backends():
-        with runtime.autocast():
-            loss = gpt(inputs, targets)[1]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gpt.parameters(), GRAD_CLIP)
-        optimizer.step()
+        stage2_step(prior, optimizer, [(indices, None)], grad_clip=grad_clip, amp_dtype=runtime.amp_dtype)
 
 
 def bench_training(case: GPTCase, device: torch.device, *, reps: int, warmup: int) -> dict[str, Any]:
@@ -56,14 +74,13 @@ def bench_training(case: GPTCase, device: torch.device, *, reps: int, warmup: in
     if reference(device) != runtimes["optimized"]:
         runtimes["reference"] = reference(device)
     generator = torch.Generator().manual_seed(0)
-    shape = (case.train_batch, case.seq_len)
-    inputs = torch.randint(case.codebook_size + 1, shape, generator=generator).to(device)
-    targets = torch.randint(case.codebook_size, shape, generator=generator).to(device)
+    indices = torch.randint(case.codebook_size, (case.train_batch, case.seq_len), generator=generator).to(device)
+    train = training_settings()
     variants = {}
     for name, runtime in runtimes.items():
-        gpt = case.build(device).train()
-        optimizer = runtime.adam(gpt.param_groups(WEIGHT_DECAY), LR, BETAS, WEIGHT_DECAY)
-        variants[name] = lambda g=gpt, o=optimizer, r=runtime: _train_step(g, o, r, inputs, targets)
+        prior = case.build_prior(device).train()
+        optimizer = runtime.adam(prior.param_groups(train.weight_decay), train.lr, train.betas, 0.0)
+        variants[name] = lambda p=prior, o=optimizer, r=runtime: _train_step(p, o, r, indices, train.grad_clip)
     timings = time_alternating(variants, device, reps=reps, warmup=warmup)
     flops = {name: count_flops(fn) for name, fn in variants.items()}
     return record(f"stage2_train/{case.name}", f"stage-2 train GPT {case.name} {case.seq_len} tok b{case.train_batch}",

@@ -1,14 +1,18 @@
-"""Shared fixtures: LPIPS weight files written by the tests themselves (no downloads)."""
+"""Shared fixtures: LPIPS weight files written by the tests themselves (no downloads), and the tiny
+stage-1 model most tests build."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from torchvision.models import vgg16
 
-from vqgan.lpips import TAP_CHANNELS
+from benchmarks.lpips_weights import write_random_lpips_weights
+from vqgan import VQGAN, Discriminator, DiscriminatorConfig, LossConfig, VQGANConfig, VQGANLoss
+
+TINY_VQGAN = VQGANConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=4, embed_dim=4,
+                         codebook_size=16)
+TINY_DISC = DiscriminatorConfig(ndf=8, n_layers=2)
 
 
 @dataclass
@@ -17,33 +21,27 @@ class LPIPSFiles:
     heads: Path
 
 
-def random_vgg_features(seed: int) -> dict[str, torch.Tensor]:
-    """A torchvision-format VGG16 state_dict (``features.*`` keys) with He-initialised random convs."""
-    with torch.device("meta"):
-        skeleton = vgg16(weights=None)
-    features = skeleton.features.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    for layer in features:
-        if isinstance(layer, nn.Conv2d):
-            fan_out = layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1]
-            layer.weight.data = torch.randn(layer.weight.shape, generator=generator) * (2.0 / fan_out) ** 0.5
-            layer.bias.data.zero_()
-    return {f"features.{key}": value for key, value in features.state_dict().items()}
+def tiny_vqgan(resolution: int = 16, in_channels: int = 3, **options) -> VQGAN:
+    """A 16x16 -> 8x8 tokens VQGAN with 16 codes; ``options`` replace fields of :data:`TINY_VQGAN`."""
+    return VQGAN(replace(TINY_VQGAN, **options), in_channels=in_channels, resolution=resolution)
 
 
-def random_heads(seed: int) -> dict[str, torch.Tensor]:
-    """Non-negative linear heads with the keys and shapes of the LPIPS ``vgg.pth``."""
-    generator = torch.Generator().manual_seed(seed)
-    return {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=generator) for i, c in enumerate(TAP_CHANNELS)}
+def tiny_models(lpips_files: LPIPSFiles | None = None, **loss_options) -> tuple[VQGAN, Discriminator, VQGANLoss]:
+    """Tiny VQGAN (EMA codes, dead-code restarts), discriminator and loss with the GAN on from step 0
+    (and LPIPS from ``lpips_files`` when given), in training mode, from seed 0."""
+    torch.manual_seed(0)
+    model = tiny_vqgan(ema=True, dead_code_steps=1).train()
+    disc = Discriminator(3, TINY_DISC).train()
+    options = dict(perceptual_weight=0.0, disc_start=0, disc_weight=0.7, adaptive_weight_max=1e4) | loss_options
+    if lpips_files is not None:
+        options.update(perceptual_weight=0.5, lpips_vgg_path=str(lpips_files.vgg),
+                       lpips_heads_path=str(lpips_files.heads))
+    return model, disc, VQGANLoss(LossConfig(**options)).train()
 
 
 @pytest.fixture(scope="session")
 def lpips_files(tmp_path_factory: pytest.TempPathFactory) -> LPIPSFiles:
-    folder = tmp_path_factory.mktemp("lpips_weights")
-    files = LPIPSFiles(vgg=folder / "vgg16-random.pth", heads=folder / "heads-random.pth")
-    torch.save(random_vgg_features(seed=0), files.vgg)
-    torch.save(random_heads(seed=0), files.heads)
-    return files
+    return LPIPSFiles(*write_random_lpips_weights(tmp_path_factory.mktemp("lpips_weights")))
 
 
 # One intra-op thread per test process: the tiny models gain nothing from more, and on a loaded

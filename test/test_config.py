@@ -5,19 +5,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+import train_transformer
+import train_vqgan
+from transformer.config import Stage2Config
 from utils.config import (
     ConfigError,
-    Stage1Config,
-    Stage2Config,
     apply_overrides,
     config_diff,
     describe,
     from_dict,
     load_config,
-    main,
     save_config,
     to_dict,
 )
+from vqgan.config import Stage1Config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -116,8 +117,21 @@ def test_describe_lists_every_key(capsys):
     for section, values in to_dict(Stage1Config()).items():
         for key in values:
             assert f"`{section}.{key}`" in table
-    main(["--describe"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_transformer.main(["--describe-config"])
+    assert exit_info.value.code == 0
     assert "`transformer.pkeep`" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train_vqgan.main(["--describe-config"])
+    out = capsys.readouterr().out
+    assert "`model.codebook_dim`" in out and "`train.disc_lr`" in out and "`transformer." not in out
+
+
+def test_stage2_offers_only_what_it_honours():
+    for key in ("train.disc_lr=1e-4", "train.channels_last=true"):
+        with pytest.raises(ConfigError, match="unknown config key"):
+            load_config(Stage2Config, None, [key])
+    assert load_config(Stage2Config, None, ["train.ema_decay=0.999"]).train.ema_decay == 0.999
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)

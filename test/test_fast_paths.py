@@ -1,9 +1,10 @@
 """Fast paths give the same results as their straightforward versions; the benchmark script runs.
 
-Covered here: the discriminator step on the reused reconstruction (no second autoencoder
-forward), the fused adaptive-weight backward on a real VQGAN with LPIPS and a PatchGAN, both
-switches of the benchmark's training step together, and KV-cache sampling under guidance and
-filtering (plain cache-vs-recompute sampling is in test_sampling.py).
+Covered here: the discriminator step on the reused reconstruction (no second autoencoder forward),
+the fused adaptive-weight backward on a real VQGAN with LPIPS and a PatchGAN, the training step
+(:func:`vqgan.training.stage1_step`) against the textbook step the benchmark times it against, and
+KV-cache sampling under guidance and filtering (plain cache-vs-recompute sampling is in
+test_sampling.py).
 """
 
 import copy
@@ -11,16 +12,16 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_models
 
 from benchmarks import run as bench_run
+from benchmarks.reference import reference_generator_backward
 from benchmarks.runtime import reference
-from benchmarks.stage1 import build_setup, training_step
+from benchmarks.stage1 import build_setup, straightforward_step, training_step
 from transformer import GPT, sample_tokens
-from utils.config import Stage1Config, load_config
-from vqgan import VQGAN, Discriminator, VQGANLoss
+from utils.config import load_config
+from vqgan.config import Stage1Config
 
-TINY = dict(in_channels=3, resolution=16, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-            z_channels=4, embed_dim=4, codebook_size=16)
 TINY_OVERRIDES = ["data.image_size=16", "model.ch=8", "model.ch_mult=[1,2]", "model.attn_resolutions=[8]",
                   "model.z_channels=4", "model.embed_dim=4", "model.codebook_size=16", "model.codebook_dim=null",
                   "model.dead_code_steps=0", "disc.ndf=8", "disc.n_layers=2"]
@@ -28,16 +29,6 @@ TINY_OVERRIDES = ["data.image_size=16", "model.ch=8", "model.ch_mult=[1,2]", "mo
 
 def images(batch: int = 2) -> torch.Tensor:
     return torch.rand(batch, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-
-
-def tiny_models(lpips_files=None, **loss_options) -> tuple[VQGAN, Discriminator, VQGANLoss]:
-    torch.manual_seed(0)
-    model = VQGAN(**TINY, ema=True, dead_code_steps=1).train()
-    disc = Discriminator(3, ndf=8, n_layers=2).train()
-    options = dict(perceptual_weight=0.0, disc_start=0, disc_weight=0.7, adaptive_weight_max=1e4) | loss_options
-    if lpips_files is not None:
-        options.update(perceptual_weight=0.5, lpips_vgg_path=lpips_files.vgg, lpips_heads_path=lpips_files.heads)
-    return model, disc, VQGANLoss(**options).train()
 
 
 def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -69,9 +60,9 @@ def test_discriminator_step_on_the_reused_reconstruction_equals_a_second_forward
     assert torch.equal(second, out.reconstruction)
 
     disc_second, loss_second = copy.deepcopy(disc), copy.deepcopy(loss)
-    reused_loss, reused_logs = loss.discriminator_loss(x, out.reconstruction.detach(), disc, step=0)
+    reused_loss, reused_logs = loss.discriminator_loss(x, out.reconstruction.detach(), disc)
     reused_loss.backward()
-    second_loss, second_logs = loss_second.discriminator_loss(x, second.detach(), disc_second, step=0)
+    second_loss, second_logs = loss_second.discriminator_loss(x, second.detach(), disc_second)
     second_loss.backward()
     assert reused_logs == second_logs
     assert_same_grads(grads(disc), grads(disc_second))
@@ -85,10 +76,11 @@ def test_fused_adaptive_weight_backward_matches_reference_on_a_real_vqgan(lpips_
     reference_model = copy.deepcopy(model)
     x = images()
     logs = {}
-    for name, net, fused in (("fused", model, True), ("reference", reference_model, False)):
-        out = net(x)
-        logs[name] = loss.generator_backward(x, out.reconstruction, out.codebook_loss, disc, net.last_layer,
-                                             step=0, fused=fused)
+    out = model(x)
+    logs["fused"] = loss.generator_backward(x, out.reconstruction, out.codebook_loss, disc, model.last_layer, step=0)
+    out = reference_model(x)
+    logs["reference"] = reference_generator_backward(loss, x, out.reconstruction, out.codebook_loss, disc,
+                                                     reference_model.last_layer, step=0)
     assert_same_grads(grads(model), grads(reference_model))
     assert logs["fused"] == pytest.approx(logs["reference"], rel=1e-5)
     assert logs["fused"]["p_loss"] > 0 and logs["fused"]["d_weight"] > 0
@@ -101,13 +93,13 @@ def tiny_stage1_config(lpips_files) -> Stage1Config:
         f"loss.lpips_heads_path={lpips_files.heads}"])
 
 
-def test_benchmark_training_step_switches_give_the_same_gradients(lpips_files) -> None:
+def test_training_step_equals_the_textbook_step_the_benchmark_times(lpips_files) -> None:
     cfg = tiny_stage1_config(lpips_files)
     fast = build_setup(cfg, 2, reference(torch.device("cpu")))
     slow = build_setup(cfg, 2, reference(torch.device("cpu")))
-    fast_logs = training_step(fast, 0, fused=True, reuse_reconstruction=True)
-    slow_logs = training_step(slow, 0, fused=False, reuse_reconstruction=False)
-    assert fast_logs == pytest.approx(slow_logs, rel=1e-5)
+    fast_logs = training_step(fast, 0)
+    slow_logs = straightforward_step(slow, 0)
+    assert {k: v for k, v in fast_logs.items() if k in slow_logs} == pytest.approx(slow_logs, rel=1e-5)
     assert fast_logs["gan_factor"] > 0 and fast_logs["p_loss"] > 0
     assert_same_grads(grads(fast.model), grads(slow.model))
     assert_same_grads(grads(fast.disc), grads(slow.disc))
@@ -116,7 +108,7 @@ def test_benchmark_training_step_switches_give_the_same_gradients(lpips_files) -
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
 def test_kv_cache_sampling_equals_recompute_with_guidance_and_filters(positions: str) -> None:
     torch.manual_seed(0)
-    gpt = GPT(20, 24, n_layer=2, n_head=2, n_embd=32, positions=positions)
+    gpt = GPT(20, 24, n_layer=2, n_head=2, n_embd=32, dropout=0.0, positions=positions)
     cond = torch.randint(20, (3, 2), generator=torch.Generator().manual_seed(2))
     uncond = torch.full_like(cond, 19)
     options = dict(temperature=0.8, top_k=10, top_p=0.9, cfg_scale=2.5, uncond_prefix=uncond)

@@ -18,11 +18,10 @@ import generate
 import train_transformer
 import train_vqgan
 from dataloader import build_dataset
-from pipeline.evaluate import FeatureSet, ReconstructionMetrics
-from pipeline.inputs import data_config_of
-from pipeline.loading import load_prior, load_vqgan
-from utils.metrics import CodebookStats, FeatureStats, fid_from_stats, psnr, ssim
-from utils.plots import plot_metrics_overview, save_images
+from dataloader.inputs import data_config_of
+from utils.evaluation.metrics import CodebookStats, FeatureStats, fid_from_stats, psnr, ssim
+from utils.evaluation.reconstruction import FeatureSet, ReconstructionMetrics
+from utils.pictures import plot_metrics_overview, save_images
 
 SIZE = 16  # STAGE1 trains on 16x16 RGB images; its test split has 8 of them
 TEST_IMAGES = 8
@@ -86,7 +85,7 @@ def grid_size(columns: int, rows: int) -> tuple[int, int]:
 
 def reference_reconstructions(stage1: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The test split, its codes and their decoding, computed directly with the model."""
-    vqgan, state = load_vqgan(stage1)
+    vqgan, state = generate.load_vqgan(stage1, torch.device("cpu"))
     dataset = build_dataset(data_config_of(state["config"]), "test")
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     with torch.no_grad():
@@ -108,7 +107,7 @@ def test_sample_writes_native_size_images_and_a_grid_and_is_seeded(ckpts: Checkp
 
 
 def test_sample_labels_cycle_and_settings_default_to_the_checkpoint(ckpts: Checkpoints) -> None:
-    prior, state = load_prior(ckpts.prior)
+    prior, state = generate.load_prior(ckpts.prior, torch.device("cpu"))
     assert generate.sample_labels(prior, None, 12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert generate.sample_labels(prior, [3], 3).tolist() == [3, 3, 3]
     assert generate.sample_labels(prior, [1, 7], 5).tolist() == [1, 7, 1, 7, 1]
@@ -120,7 +119,7 @@ def test_sample_labels_cycle_and_settings_default_to_the_checkpoint(ckpts: Check
     assert settings() == {"temperature": 1.0, "top_k": STAGE2["sample"]["top_k"], "top_p": None, "cfg_scale": 1.0}
     assert settings(top_k=0, temperature=0.5, cfg_scale=2.0) == {"temperature": 0.5, "top_k": None, "top_p": None,
                                                                   "cfg_scale": 2.0}
-    unconditional, state = load_prior(ckpts.unconditional)
+    unconditional, state = generate.load_prior(ckpts.unconditional, torch.device("cpu"))
     assert generate.sample_labels(unconditional, None, 4) is None
     with pytest.raises(generate.UsageError, match="cfg-scale"):
         generate.sampling_settings(unconditional, state, argparse.Namespace(cfg_scale=2.0))

@@ -12,7 +12,7 @@ VOCAB, BLOCK = 20, 16
 
 def tiny_gpt(positions: str = "learned", **kwargs) -> GPT:
     torch.manual_seed(0)
-    return GPT(VOCAB, BLOCK, n_layer=2, n_head=2, n_embd=32, positions=positions, **kwargs).eval()
+    return GPT(VOCAB, BLOCK, n_layer=2, n_head=2, n_embd=32, positions=positions, **{"dropout": 0.0, **kwargs}).eval()
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
@@ -80,16 +80,16 @@ def test_kv_cache_limits():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="divisible"):
-        GPT(VOCAB, BLOCK, n_layer=1, n_head=3, n_embd=32)
+        GPT(VOCAB, BLOCK, n_layer=1, n_head=3, n_embd=32, dropout=0.0, positions="learned")
     with pytest.raises(ValueError, match="positions"):
-        GPT(VOCAB, BLOCK, n_layer=1, n_head=2, n_embd=32, positions="sinusoidal")
+        GPT(VOCAB, BLOCK, n_layer=1, n_head=2, n_embd=32, dropout=0.0, positions="sinusoidal")
     with pytest.raises(ValueError, match="even head size"):
-        GPT(VOCAB, BLOCK, n_layer=1, n_head=2, n_embd=6, positions="rotary")
+        GPT(VOCAB, BLOCK, n_layer=1, n_head=2, n_embd=6, dropout=0.0, positions="rotary")
 
 
 def test_gpt2_init():
     torch.manual_seed(0)
-    gpt = GPT(VOCAB, BLOCK, n_layer=4, n_head=2, n_embd=64)
+    gpt = GPT(VOCAB, BLOCK, n_layer=4, n_head=2, n_embd=64, dropout=0.0, positions="learned")
     assert gpt.pos_emb is not None and gpt.rotary is None
     assert abs(gpt.blocks[0].mlp.fc.weight.std().item() - 0.02) < 0.003
     assert abs(gpt.blocks[0].mlp.proj.weight.std().item() - 0.02 / math.sqrt(8)) < 0.001

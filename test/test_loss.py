@@ -1,14 +1,14 @@
 """VQGAN loss: GAN loss values, adaptive weight, fused vs reference backward, LeCam, schedule, state."""
 
-import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from utils.config import LossConfig
+from benchmarks.reference import reference_generator_backward
 from vqgan.loss import (
+    LossConfig,
     VQGANLoss,
     adaptive_weight,
     hinge_d_loss,
@@ -44,8 +44,9 @@ def tiny_discriminator() -> nn.Module:
 def make_loss(lpips_files=None, **overrides) -> VQGANLoss:
     options = dict(perceptual_weight=0.0, disc_start=DISC_START, codebook_weight=0.7, disc_weight=0.6)
     if lpips_files is not None:
-        options.update(perceptual_weight=0.5, lpips_vgg_path=lpips_files.vgg, lpips_heads_path=lpips_files.heads)
-    return VQGANLoss(**(options | overrides))
+        options.update(perceptual_weight=0.5, lpips_vgg_path=str(lpips_files.vgg),
+                       lpips_heads_path=str(lpips_files.heads))
+    return VQGANLoss(LossConfig(**(options | overrides)))
 
 
 def generator_step(loss: VQGANLoss, step: int, fused: bool, scale: float = 1.0, constant_codebook: bool = False):
@@ -56,7 +57,11 @@ def generator_step(loss: VQGANLoss, step: int, fused: bool, scale: float = 1.0, 
     if constant_codebook:
         codebook_loss = torch.tensor(0.3)
     last_layer = autoencoder.decoder[-1].weight
-    logs = loss.generator_backward(x, reconstruction, codebook_loss, discriminator, last_layer, step, scale, fused)
+    if fused:
+        logs = loss.generator_backward(x, reconstruction, codebook_loss, discriminator, last_layer, step, scale)
+    else:
+        logs = reference_generator_backward(loss, x, reconstruction, codebook_loss, discriminator, last_layer, step,
+                                            scale)
     grads = {name: p.grad.clone() for name, p in autoencoder.named_parameters()}
     return grads, logs, discriminator
 
@@ -86,14 +91,12 @@ def test_adaptive_weight_formula_and_clamp() -> None:
     assert adaptive_weight(torch.tensor(10.0), torch.tensor(0.0), 5.0).item() == 5.0
 
 
-def test_constructor_matches_config_fields_and_validates() -> None:
-    config = dataclasses.asdict(LossConfig()) | {"perceptual_weight": 0.0}
-    loss = VQGANLoss(**config)
-    assert loss.lpips is None
+def test_constructor_validates() -> None:
+    assert VQGANLoss(LossConfig(perceptual_weight=0.0)).lpips is None
     with pytest.raises(ValueError, match="rec_loss"):
-        VQGANLoss(rec_loss="l3", perceptual_weight=0.0)
+        VQGANLoss(LossConfig(rec_loss="l3", perceptual_weight=0.0))
     with pytest.raises(ValueError, match="disc_loss"):
-        VQGANLoss(disc_loss="wgan", perceptual_weight=0.0)
+        VQGANLoss(LossConfig(disc_loss="wgan", perceptual_weight=0.0))
 
 
 def test_gan_factor_schedule() -> None:
@@ -165,44 +168,42 @@ def test_perceptual_loss_module_stays_frozen_and_out_of_the_training_state(lpips
     loss.train()
     assert loss.lpips is not None and not loss.lpips.training
     assert all(not p.requires_grad for p in loss.lpips.parameters())
-    assert set(loss.training_state()) == {"lecam_anchor_real", "lecam_anchor_fake", "lecam_anchor_ready"}
+    assert set(loss.lecam.state_dict()) == {"real", "fake", "ready"}
 
 
 def test_discriminator_loss_with_lecam_anchors_and_state_round_trip() -> None:
     loss = make_loss(lecam_weight=0.5, lecam_decay=0.9)
     discriminator = nn.Identity()
     real, fake = torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 2.0])
-    value, logs = loss.discriminator_loss(real, fake, discriminator, DISC_START)
-    assert loss.lecam_anchor_real.item() == pytest.approx(2.0) and loss.lecam_anchor_fake.item() == pytest.approx(0.5)
+    value, logs = loss.discriminator_loss(real, fake, discriminator)
+    assert loss.lecam.real.item() == pytest.approx(2.0) and loss.lecam.fake.item() == pytest.approx(0.5)
     expected_lecam = lecam_regularizer(real, fake, torch.tensor(2.0), torch.tensor(0.5)).item()
     assert logs["lecam_loss"] == pytest.approx(expected_lecam)
     assert value.item() == pytest.approx(hinge_d_loss(real, fake).item() + 0.5 * expected_lecam)
     assert logs["logits_real"] == pytest.approx(2.0) and logs["logits_fake"] == pytest.approx(0.5)
 
-    loss.discriminator_loss(real + 1, fake + 1, discriminator, DISC_START)
-    assert loss.lecam_anchor_real.item() == pytest.approx(0.9 * 2.0 + 0.1 * 3.0)
-    assert loss.lecam_anchor_fake.item() == pytest.approx(0.9 * 0.5 + 0.1 * 1.5)
+    loss.discriminator_loss(real + 1, fake + 1, discriminator)
+    assert loss.lecam.real.item() == pytest.approx(0.9 * 2.0 + 0.1 * 3.0)
+    assert loss.lecam.fake.item() == pytest.approx(0.9 * 0.5 + 0.1 * 1.5)
 
     restored = make_loss(lecam_weight=0.5, lecam_decay=0.9)
-    restored.load_training_state(loss.training_state())
-    for key, tensor in loss.training_state().items():
-        assert torch.equal(restored.training_state()[key], tensor)
-    with pytest.raises(KeyError, match="lecam_anchor_ready"):
-        restored.load_training_state({"lecam_anchor_real": torch.tensor(0.0), "lecam_anchor_fake": torch.tensor(0.0)})
+    restored.lecam.load_state_dict(loss.lecam.state_dict())
+    for key, tensor in loss.lecam.state_dict().items():
+        assert torch.equal(restored.lecam.state_dict()[key], tensor)
+    with pytest.raises(RuntimeError, match="ready"):
+        make_loss(lecam_weight=0.5).lecam.load_state_dict({"real": torch.tensor(0.0), "fake": torch.tensor(0.0)})
 
     restored.eval()
-    restored.discriminator_loss(real + 5, fake, discriminator, DISC_START)
-    assert restored.lecam_anchor_real.item() == pytest.approx(2.1)
+    restored.discriminator_loss(real + 5, fake, discriminator)
+    assert restored.lecam.real.item() == pytest.approx(2.1)
 
 
-def test_discriminator_loss_is_zero_before_start_and_detaches() -> None:
+def test_discriminator_loss_detaches_the_reconstruction() -> None:
     loss = make_loss(disc_loss="vanilla")
     discriminator = tiny_discriminator()
     x = torch.rand(2, 3, 16, 16)
     reconstruction = torch.rand(2, 3, 16, 16, requires_grad=True)
-    before, _ = loss.discriminator_loss(x, reconstruction, discriminator, DISC_START - 1)
-    assert before.item() == 0.0
-    after, logs = loss.discriminator_loss(x, reconstruction, discriminator, DISC_START)
+    after, logs = loss.discriminator_loss(x, reconstruction, discriminator)
     assert after.item() == pytest.approx(logs["d_loss"]) and logs["lecam_loss"] == 0.0
     after.backward()
     assert reconstruction.grad is None

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import inception
-from utils.inception import (
+from utils.evaluation import inception
+from utils.evaluation.inception import (
     FEATURE_DIM,
     INCEPTION_FILENAME,
     InceptionFeatures,
@@ -23,11 +23,9 @@ from utils.inception import (
     packaged_inception_path,
     tf_bilinear_resize,
 )
-from utils.metrics import (
+from utils.evaluation.metrics import (
     CodebookStats,
     FeatureStats,
-    compute_fid,
-    feature_stats,
     fid_from_features,
     frechet_distance,
     psnr,
@@ -293,23 +291,6 @@ def test_fid_from_features_checks_shapes():
         fid_from_features(np.zeros((4, 3)), np.zeros((4, 2)))
     with pytest.raises(ValueError, match="at least 2"):
         fid_from_features(np.zeros((1, 3)), np.zeros((4, 3)))
-
-
-def test_compute_fid_chunks_batches_and_unpacks_pairs():
-    seen = []
-
-    def network(images: torch.Tensor) -> torch.Tensor:
-        seen.append(images.shape[0])
-        return images.flatten(1)[:, :3]
-
-    a = [textured(5, seed=1), textured(4, seed=2)]
-    b = [(textured(6, seed=3), torch.zeros(6)), (textured(3, seed=4), torch.zeros(3))]
-    value = compute_fid(a, b, network, batch_size=4)
-    assert seen == [4, 1, 4, 4, 2, 3]
-    expected = fid_from_features(torch.cat(a).flatten(1)[:, :3], torch.cat([x for x, _ in b]).flatten(1)[:, :3])
-    assert value == pytest.approx(expected, rel=1e-10)
-    with pytest.raises(ValueError, match="no images"):
-        feature_stats([], network)
 
 
 # ---------------------------------------------------------------- resizing

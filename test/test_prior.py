@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from conftest import tiny_vqgan
 from torch import nn
 
-from transformer import VQGANPrior
+from transformer import PriorConfig, VQGANPrior
 
 K, H, W = 16, 2, 3
 
@@ -28,10 +29,12 @@ class FakeVQGAN(nn.Module):
         return nn.functional.interpolate(self.norm(images), scale_factor=4)
 
 
-def tiny_prior(**kwargs) -> VQGANPrior:
+def tiny_prior(num_classes: int = 0, codebook_size: int | None = None, latent_size: tuple | None = None,
+               **options) -> VQGANPrior:
+    """An unconditional 2 x 32 prior unless ``options`` (fields of :class:`PriorConfig`) say otherwise."""
     torch.manual_seed(0)
-    kwargs = {"n_layer": 2, "n_head": 2, "n_embd": 32, **kwargs}
-    return VQGANPrior(FakeVQGAN(), **kwargs)
+    config = PriorConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "class_conditional": False, **options})
+    return VQGANPrior(FakeVQGAN(), config, num_classes, codebook_size=codebook_size, latent_size=latent_size)
 
 
 def test_token_layout_conditional():
@@ -130,9 +133,9 @@ def test_bad_constructor_arguments():
 
 def test_config_rebuilds_the_prior():
     prior = tiny_prior(class_conditional=True, num_classes=3, positions="rotary", pkeep=0.9)
-    config = prior.config
+    config = prior.prior_config
     assert config["codebook_size"] == K and config["latent_size"] == [H, W] and config["num_classes"] == 3
-    rebuilt = VQGANPrior(FakeVQGAN(), **config)
+    rebuilt = VQGANPrior.from_prior_config(FakeVQGAN(), config)
     rebuilt.load_state_dict(prior.state_dict())
     indices = torch.randint(K, (2, H * W))
     labels = torch.tensor([0, 2])
@@ -188,11 +191,9 @@ def test_sample_errors_name_the_fix():
 
 
 def test_with_a_real_vqgan():
-    vqgan_module = pytest.importorskip("vqgan")
     torch.manual_seed(0)
-    vqgan = vqgan_module.VQGAN(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                               z_channels=16, codebook_size=32, embed_dim=16)
-    prior = VQGANPrior(vqgan, n_layer=1, n_head=2, n_embd=32, class_conditional=True, num_classes=2)
+    vqgan = tiny_vqgan(ch=32, attn_resolutions=(), z_channels=16, codebook_size=32, embed_dim=16)
+    prior = VQGANPrior(vqgan, PriorConfig(n_layer=1, n_head=2, n_embd=32), num_classes=2)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     indices = prior.encode(images)
     assert indices.shape == (2, 64)

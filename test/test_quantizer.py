@@ -11,7 +11,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vqgan.quantizer import VectorQuantizer, usage_and_perplexity
+from vqgan.quantizer import QuantizerConfig, VectorQuantizer, usage_and_perplexity
+
+
+def make_quantizer(codebook_size: int, embed_dim: int, **options) -> VectorQuantizer:
+    return VectorQuantizer(QuantizerConfig(codebook_size=codebook_size, embed_dim=embed_dim, **options))
+
+
+def train_step(quantizer: VectorQuantizer, *batches: torch.Tensor):
+    """Training forwards on ``batches`` (micro-batches of one optimizer step), then the end of the step."""
+    outputs = [quantizer(z) for z in batches]
+    quantizer.end_step()
+    return outputs[-1]
 
 
 def latents(*vectors: list[float]) -> torch.Tensor:
@@ -28,7 +39,7 @@ def set_codes(quantizer: VectorQuantizer, codes: list[list[float]]) -> None:
 
 def test_nearest_code_and_exact_straight_through_value() -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(16, 4)
+    quantizer = make_quantizer(16, 4)
     z = torch.randn(2, 4, 3, 5)
     out = quantizer(z)
     flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
@@ -41,7 +52,7 @@ def test_nearest_code_and_exact_straight_through_value() -> None:
 
 def test_straight_through_gradient_is_identity() -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(8, 3)
+    quantizer = make_quantizer(8, 3)
     z = torch.randn(1, 3, 2, 2, requires_grad=True)
     upstream = torch.randn(1, 3, 2, 2)
     (quantizer(z).z_q * upstream).sum().backward()
@@ -51,7 +62,7 @@ def test_straight_through_gradient_is_identity() -> None:
 
 def test_beta_weighs_the_encoder_term() -> None:
     beta = 0.3
-    quantizer = VectorQuantizer(2, 2, beta=beta)
+    quantizer = make_quantizer(2, 2, beta=beta)
     set_codes(quantizer, [[0.0, 0.0], [4.0, 4.0]])
     z = latents([1.0, 2.0]).requires_grad_(True)
     out = quantizer(z)
@@ -68,8 +79,8 @@ def test_beta_weighs_the_encoder_term() -> None:
 def test_l2_norm_picks_code_by_angle_not_distance() -> None:
     codes = [[10.0, 0.0], [0.0, 1.0]]
     z = latents([3.0, 0.5])
-    plain = VectorQuantizer(2, 2)
-    cosine = VectorQuantizer(2, 2, l2_norm=True)
+    plain = make_quantizer(2, 2)
+    cosine = make_quantizer(2, 2, l2_norm=True)
     set_codes(plain, codes)
     set_codes(cosine, codes)
     assert plain(z).indices.item() == 1
@@ -80,7 +91,7 @@ def test_l2_norm_picks_code_by_angle_not_distance() -> None:
 
 def test_low_dimensional_lookup_projects_down_and_up() -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(3, 4, codebook_dim=2)
+    quantizer = make_quantizer(3, 4, codebook_dim=2)
     assert quantizer.codebook.shape == (3, 2)
     with torch.no_grad():
         quantizer.project_in.weight.zero_()
@@ -98,7 +109,7 @@ def test_low_dimensional_lookup_projects_down_and_up() -> None:
 
 
 def test_ema_update_matches_hand_computation() -> None:
-    quantizer = VectorQuantizer(2, 1, ema=True, ema_decay=0.5, ema_eps=0.1, beta=1.0)
+    quantizer = make_quantizer(2, 1, ema=True, ema_decay=0.5, ema_eps=0.1, beta=1.0)
     assert not any(p is quantizer.codebook for p in quantizer.parameters())
     set_codes(quantizer, [[0.0], [10.0]])
     z = latents([1.0], [2.0], [9.0])
@@ -120,14 +131,14 @@ def test_ema_update_matches_hand_computation() -> None:
 @pytest.mark.parametrize("ema", [False, True])
 def test_dead_codes_are_reseeded_from_encoder_outputs(ema: bool) -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(8, 2, ema=ema, dead_code_steps=2)
+    quantizer = make_quantizer(8, 2, ema=ema, dead_code_steps=2)
     set_codes(quantizer, [[0.0, 0.0]] + [[100.0, 100.0]] * 7)
     z = torch.randn(2, 2, 4, 4)
     flat = z.permute(0, 2, 3, 1).reshape(-1, 2)
-    assert quantizer(z).indices.unique().tolist() == [0]
+    assert train_step(quantizer, z).indices.unique().tolist() == [0]
     assert quantizer.steps_since_used.tolist() == [0] + [1] * 7
     assert torch.allclose(quantizer.codebook[1:], torch.full((7, 2), 100.0), atol=1e-3)
-    assert quantizer(z).indices.unique().tolist() == [0]
+    assert train_step(quantizer, z).indices.unique().tolist() == [0]
     revived = quantizer.codebook[1:].detach()
     assert all((flat == code).all(1).any() for code in revived)
     assert quantizer.steps_since_used.tolist() == [0] * 8
@@ -139,11 +150,13 @@ def test_dead_codes_are_reseeded_from_encoder_outputs(ema: bool) -> None:
 
 def test_dead_code_restart_keeps_gradients_usable() -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(8, 2, l2_norm=True, dead_code_steps=1)
-    z = torch.randn(1, 2, 4, 4, requires_grad=True)
-    out = quantizer(z)
-    (out.loss + out.z_q.sum()).backward()
-    assert torch.isfinite(quantizer.codebook.grad).all() and torch.isfinite(z.grad).all()
+    quantizer = make_quantizer(8, 2, l2_norm=True, dead_code_steps=1)
+    for _ in range(2):
+        z = torch.randn(1, 2, 4, 4, requires_grad=True)
+        out = quantizer(z)
+        (out.loss + out.z_q.sum()).backward()
+        quantizer.end_step()
+        assert torch.isfinite(quantizer.codebook.grad).all() and torch.isfinite(z.grad).all()
 
 
 def test_usage_and_perplexity_of_known_histograms() -> None:
@@ -155,7 +168,7 @@ def test_usage_and_perplexity_of_known_histograms() -> None:
 
 
 def one_hot_quantizer(window: int) -> VectorQuantizer:
-    quantizer = VectorQuantizer(4, 4, usage_window=window)
+    quantizer = make_quantizer(4, 4, usage_window=window)
     set_codes(quantizer, (10 * torch.eye(4)).tolist())
     return quantizer
 
@@ -164,23 +177,16 @@ def hits(*codes: int) -> torch.Tensor:
     return latents(*[(10 * torch.eye(4)[c]).tolist() for c in codes])
 
 
-def test_batch_perplexity() -> None:
-    quantizer = one_hot_quantizer(5)
-    assert quantizer(hits(0, 1, 0, 1)).perplexity.item() == pytest.approx(2.0)
-    assert quantizer(hits(0, 1, 2, 3)).perplexity.item() == pytest.approx(4.0)
-    assert quantizer(hits(3, 3)).perplexity.item() == pytest.approx(1.0)
-
-
 def test_usage_statistics_cover_a_rolling_window_of_training_steps() -> None:
     quantizer = one_hot_quantizer(3)
     assert quantizer.codebook_usage() == 0.0
-    quantizer(hits(0, 0))
-    quantizer(hits(1))
+    train_step(quantizer, hits(0, 0))
+    train_step(quantizer, hits(1))
     assert quantizer.codebook_usage() == pytest.approx(0.5)
     entropy = -(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3)
     assert quantizer.window_perplexity() == pytest.approx(math.exp(entropy))
-    quantizer(hits(2))
-    quantizer(hits(3))
+    train_step(quantizer, hits(2))
+    train_step(quantizer, hits(3))
     assert quantizer.codebook_usage() == pytest.approx(0.75)
     assert quantizer.window_perplexity() == pytest.approx(3.0)
     quantizer.eval()
@@ -188,15 +194,37 @@ def test_usage_statistics_cover_a_rolling_window_of_training_steps() -> None:
     assert quantizer.window_counts().tolist() == [0, 1, 1, 1]
 
 
+def test_accumulated_micro_batches_count_as_one_step() -> None:
+    quantizer = one_hot_quantizer(2)
+    train_step(quantizer, hits(0), hits(1), hits(1))
+    assert int(quantizer.usage_steps) == 1 and quantizer.window_counts().tolist() == [1, 2, 0, 0]
+    train_step(quantizer, hits(2), hits(2))
+    train_step(quantizer, hits(3))
+    assert quantizer.window_counts().tolist() == [0, 0, 2, 1]
+    assert quantizer.steps_since_used.tolist() == [2, 2, 1, 0]
+
+
+def test_dead_code_steps_count_optimizer_steps_not_micro_batches() -> None:
+    torch.manual_seed(0)
+    quantizer = make_quantizer(4, 4, dead_code_steps=2)
+    set_codes(quantizer, (10 * torch.eye(4)).tolist())
+    train_step(quantizer, hits(0), hits(0), hits(0), hits(0))
+    assert quantizer.steps_since_used.tolist() == [0, 1, 1, 1]
+    assert torch.equal(quantizer.codebook.detach(), 10 * torch.eye(4))
+    train_step(quantizer, hits(0), hits(0))
+    assert quantizer.steps_since_used.tolist() == [0, 0, 0, 0]
+    assert not torch.equal(quantizer.codebook[1:].detach(), 10 * torch.eye(4)[1:])
+
+
 def test_state_dict_round_trip_keeps_statistics() -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(16, 4, ema=True, dead_code_steps=5, usage_window=4)
+    quantizer = make_quantizer(16, 4, ema=True, dead_code_steps=5, usage_window=4)
     for _ in range(6):
-        quantizer(torch.randn(2, 4, 2, 2))
+        train_step(quantizer, torch.randn(2, 4, 2, 2))
     buffer = io.BytesIO()
     torch.save(quantizer.state_dict(), buffer)
     buffer.seek(0)
-    restored = VectorQuantizer(16, 4, ema=True, dead_code_steps=5, usage_window=4)
+    restored = make_quantizer(16, 4, ema=True, dead_code_steps=5, usage_window=4)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     for name, tensor in quantizer.state_dict().items():
         assert torch.equal(restored.state_dict()[name], tensor), name
@@ -209,21 +237,21 @@ def test_state_dict_round_trip_keeps_statistics() -> None:
 
 def test_fp32_under_bfloat16_autocast() -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(32, 8, codebook_dim=4)
+    quantizer = make_quantizer(32, 8, codebook_dim=4)
     z = torch.randn(2, 8, 4, 4).to(torch.bfloat16)
     reference = quantizer(z.float())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = quantizer(z)
         from_indices = quantizer.embed_indices(out.indices)
         nearest = quantizer.nearest_indices(z)
-    assert out.z_q.dtype == out.loss.dtype == out.perplexity.dtype == from_indices.dtype == torch.float32
+    assert out.z_q.dtype == out.loss.dtype == from_indices.dtype == torch.float32
     assert torch.equal(out.indices, reference.indices) and torch.equal(nearest, reference.indices)
     assert torch.equal(out.z_q, reference.z_q)
 
 
 def test_nearest_indices_leaves_statistics_alone() -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(8, 2, ema=True, dead_code_steps=1)
+    quantizer = make_quantizer(8, 2, ema=True, dead_code_steps=1)
     before = {k: v.clone() for k, v in quantizer.state_dict().items()}
     z = torch.randn(1, 2, 3, 3)
     assert torch.equal(quantizer.nearest_indices(z), quantizer.eval()(z).indices)
@@ -232,7 +260,7 @@ def test_nearest_indices_leaves_statistics_alone() -> None:
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
-    quantizer = VectorQuantizer(4, 3)
+    quantizer = make_quantizer(4, 3)
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         quantizer(torch.randn(1, 5, 2, 2))
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
@@ -241,7 +269,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
         quantizer.embed_indices(torch.zeros(1, 2, 2))
     for kwargs in [dict(codebook_size=0), dict(codebook_dim=0), dict(usage_window=0), dict(ema_decay=1.0)]:
         with pytest.raises(ValueError):
-            VectorQuantizer(**{"codebook_size": 4, "embed_dim": 3, **kwargs})
+            make_quantizer(**{"codebook_size": 4, "embed_dim": 3, **kwargs})
     assert "lookup_dim=3" in repr(quantizer)
 
 
@@ -252,10 +280,10 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, result_file:
     )
     try:
         torch.manual_seed(0)
-        quantizer = VectorQuantizer(16, 2, ema=True, dead_code_steps=2, usage_window=3)
+        quantizer = make_quantizer(16, 2, ema=True, dead_code_steps=2, usage_window=3)
         torch.manual_seed(1 + rank)
         for _ in range(4):
-            quantizer(torch.randn(2, 2, 3, 3) + rank)
+            train_step(quantizer, torch.randn(2, 2, 3, 3) + rank)
         gathered = [torch.zeros_like(quantizer.codebook) for _ in range(world_size)]
         dist.all_gather(gathered, quantizer.codebook)
         if rank == 0:

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 from tiny_training import REPO, STAGE1, STAGE2, script_env
 
-from utils.config import Stage1Config, Stage2Config, describe, load_config
+from transformer.config import Stage2Config
+from utils.config import describe, load_config
+from vqgan.config import Stage1Config
 
 README = (REPO / "README.md").read_text()
 MAX_IMAGE_BYTES = 300 * 1024
@@ -46,7 +48,8 @@ def test_config_reference_matches_the_code():
     reference = README.split(start, 1)[1].split(end, 1)[0]
     expected = ("### Stage 1 (`train_vqgan.py`)\n\n" + describe(Stage1Config)
                 + "\n\n### Stage 2 (`train_transformer.py`)\n\n" + describe(Stage2Config) + "\n")
-    assert reference == expected, "README config reference is stale: paste `python -m utils.config --describe`"
+    assert reference == expected, ("README config reference is stale: paste `python train_vqgan.py --describe-config` "
+                                   "and `python train_transformer.py --describe-config`")
 
 
 def test_ci_runs_the_readme_test_command():

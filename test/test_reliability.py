@@ -63,6 +63,7 @@ import hashlib, json, os, sys
 import torch
 import torch.distributed as dist
 import train_vqgan
+import utils.logging
 
 rank, out = int(os.environ["RANK"]), sys.argv.pop(1)
 calls, modules = [], []
@@ -73,16 +74,17 @@ def recorded(name, real):
         return real(*args, **kwargs)
     return wrapper
 
-for name in ("save_checkpoint", "save_config", "save_reconstruction_grid", "plot_training_curves", "MetricsLogger"):
+for name in ("save_checkpoint", "save_config", "save_reconstruction_grid", "plot_training_curves"):
     setattr(train_vqgan, name, recorded(name, getattr(train_vqgan, name)))
-real_wrap, real_loop, real_lr = train_vqgan.wrap_ddp, train_vqgan.run_loop, train_vqgan.lr_factor
+utils.logging.MetricsLogger = recorded("MetricsLogger", utils.logging.MetricsLogger)
+real_wrap, real_train, real_lr = train_vqgan.wrap_ddp, train_vqgan.train, train_vqgan.lr_factor
 
 def wrap_ddp(module, *args, **kwargs):
     modules.append(module)
     return real_wrap(module, *args, **kwargs)
 
-def run_loop(*args, **kwargs):
-    step = real_loop(*args, **kwargs)
+def train(*args, **kwargs):
+    real_train(*args, **kwargs)
     digest = hashlib.sha256()
     for module in modules:  # BatchNorm statistics are rank-local between forwards; the rest must agree
         for name, tensor in module.state_dict().items():
@@ -93,14 +95,13 @@ def run_loop(*args, **kwargs):
     if rank == 0:
         with open(os.path.join(out, "digests.json"), "w") as handle:
             json.dump(gathered, handle)
-    return step
 
 def lr_factor(step, *rest):
     if os.environ.get("FAIL_RANK") == str(rank) and step == 2:
         raise RuntimeError(f"injected failure on rank {rank}")
     return real_lr(step, *rest)
 
-train_vqgan.wrap_ddp, train_vqgan.run_loop, train_vqgan.lr_factor = wrap_ddp, run_loop, lr_factor
+train_vqgan.wrap_ddp, train_vqgan.train, train_vqgan.lr_factor = wrap_ddp, train, lr_factor
 try:
     train_vqgan.main(sys.argv[1:])
 finally:

@@ -10,7 +10,7 @@ VOCAB, BLOCK = 12, 24
 
 def tiny_gpt(positions: str = "learned") -> GPT:
     torch.manual_seed(0)
-    return GPT(VOCAB, BLOCK, n_layer=2, n_head=2, n_embd=32, positions=positions)
+    return GPT(VOCAB, BLOCK, n_layer=2, n_head=2, n_embd=32, dropout=0.0, positions=positions)
 
 
 def constant_gpt(logits: torch.Tensor) -> GPT:

@@ -10,11 +10,11 @@ import pytest
 import torch
 from tiny_training import STAGE1, STAGE2, assert_tensors_equal, load_plain, read_rows, write_config
 
-import pipeline.tokens
+import generate
 import train_transformer
 import train_vqgan
-from pipeline.loading import load_prior, load_vqgan
-from pipeline.tokens import cache_key, tokenize_dataset
+from dataloader import build_dataset
+from transformer.token_cache import tokenize_dataset
 from utils.checkpoint import CheckpointError
 from utils.config import DataConfig
 
@@ -68,7 +68,7 @@ def test_tiny_run_writes_artefacts_and_reuses_the_token_cache(config: Path, work
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.pt", "step_000002.pt", "step_000004.pt"}
     state = load_plain(run / "checkpoints" / "last.pt")
     assert state["kind"] == "transformer" and state["step"] == 4 and state["prior_config"]["num_classes"] == 10
-    prior, _ = load_prior(run / "checkpoints" / "last.pt")
+    prior, _ = generate.load_prior(str(run / "checkpoints" / "last.pt"), torch.device("cpu"))
     assert prior.class_conditional
 
     caches = list((workdir / ".cache" / "tokens").iterdir())
@@ -79,22 +79,34 @@ def test_tiny_run_writes_artefacts_and_reuses_the_token_cache(config: Path, work
     def no_tokenising(*args: object, **kwargs: object) -> None:
         raise AssertionError("the dataset was tokenised again instead of read from the cache")
 
-    monkeypatch.setattr(pipeline.tokens, "build_dataset", no_tokenising)
+    monkeypatch.setattr(train_transformer, "build_dataset", no_tokenising)
     train(config, workdir / "second", stage1, "train.max_steps=1")
     assert list((workdir / ".cache" / "tokens").iterdir()) == caches
 
 
+def test_weight_ema_is_kept_saved_and_used_for_sampling(config: Path, workdir: Path, stage1: Path) -> None:
+    run = workdir / "run"
+    train(config, run, stage1, "train.ema_decay=0.5", "train.max_steps=3")
+    state = load_plain(run / "checkpoints" / "last.pt")
+    assert state["ema"].keys() == state["model"].keys()
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    prior, _ = generate.load_prior(str(run / "checkpoints" / "last.pt"), torch.device("cpu"))
+    for name, tensor in prior.gpt.state_dict().items():
+        assert torch.equal(tensor, state["ema"][name])
+
+
 def test_cache_key_follows_the_checkpoint_and_the_images(stage1: Path, tmp_path: Path) -> None:
+    cache_path = train_transformer.token_cache_path
     data = DataConfig(name="builtin", image_size=16, num_samples=64)
-    key = cache_key(stage1, data, "train")
+    key = cache_path(stage1, data, "train")
     other = tmp_path / "other.pt"
     state = load_plain(stage1)
     state["model"]["decoder.conv_out.bias"] += 1
     torch.save(state, other)
-    assert cache_key(other, data, "train") != key
-    assert cache_key(stage1, DataConfig(name="builtin", image_size=16, num_samples=65), "train") != key
-    assert cache_key(stage1, data, "test") != key
-    assert cache_key(stage1, DataConfig(name="builtin", image_size=16, num_samples=64, num_workers=7), "train") == key
+    assert cache_path(other, data, "train") != key
+    assert cache_path(stage1, DataConfig(name="builtin", image_size=16, num_samples=65), "train") != key
+    assert cache_path(stage1, data, "test") != key
+    assert cache_path(stage1, DataConfig(name="builtin", image_size=16, num_samples=64, num_workers=7), "train") == key
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(config: Path, workdir: Path, stage1: Path,
@@ -138,7 +150,7 @@ def test_stage1_checkpoint_where_stage2_is_expected(config: Path, workdir: Path,
     err = fails(config, stage1.parent.parent, stage1, capsys, "--resume")
     assert "is a stage-1 (VQGAN) checkpoint" in err and "stage-2 (GPT prior) checkpoint" in err
     with pytest.raises(CheckpointError, match="is a stage-1 .* stage-2"):
-        load_prior(stage1)
+        generate.load_prior(str(stage1), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -185,11 +197,12 @@ def test_resume_with_another_vqgan_is_refused(config: Path, workdir: Path, stage
 
 
 def test_unreadable_token_cache_is_rebuilt(stage1: Path, tmp_path: Path) -> None:
-    vqgan, _ = load_vqgan(stage1)
+    vqgan, _ = generate.load_vqgan(str(stage1), torch.device("cpu"))
     data = DataConfig(name="builtin", image_size=16, num_samples=8, eval_samples=4, num_workers=0)
-    cache = tmp_path / f"builtin_train_{cache_key(stage1, data, 'train')}.pt"
+    cache = tmp_path / "tokens.pt"
     cache.write_bytes(b"PK\x03\x04 cut short")
     with pytest.warns(UserWarning, match="unreadable.*tokenising again"):
-        tokens = tokenize_dataset(vqgan, data, stage1, tmp_path, torch.device("cpu"))
+        tokens = tokenize_dataset(vqgan, lambda: (build_dataset(data, "train", augment=False), 10), cache,
+                                  torch.device("cpu"))
     assert tokens["indices"].shape == (8, 64)
     assert torch.equal(torch.load(cache, weights_only=True)["indices"], tokens["indices"])

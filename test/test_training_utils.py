@@ -1,4 +1,4 @@
-"""Loop pieces in utils/: schedules, weight EMA, signals, bad-step tracking, the step loop, run folders,
+"""Loop pieces in utils/: schedules, weight EMA, signals, bad-step tracking, the training log, run folders,
 clean error exits, metrics.csv, plots and the single-process side of utils/distributed.py."""
 
 from __future__ import annotations
@@ -15,30 +15,18 @@ import torch
 from PIL import Image
 from torch import nn
 
+import utils.device
 import utils.logging
-import utils.trainer
 from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.config import ConfigError
+from utils.device import autocast_dtype, peak_memory_mb, resolve_device
 from utils.distributed import DistInfo, init_distributed, unwrap, wrap_ddp
-from utils.logging import MetricsLogger, read_metrics
-from utils.plots import image_grid, plot_training_curves, save_grid, save_reconstruction_grid
-from utils.trainer import (
-    BadStepTracker,
-    LoopSettings,
-    ModelEMA,
-    RunDirError,
-    StopRequest,
-    TensorSnapshot,
-    TrainingStopped,
-    autocast_dtype,
-    clean_exit,
-    finish_message,
-    lr_factor,
-    peak_memory_mb,
-    prepare_run_dir,
-    resolve_device,
-    run_loop,
-)
+from utils.logging import MetricsLogger, TrainingLog, read_metrics
+from utils.loop import BadStepTracker, StopSignal, TrainingStopped, finish_message, is_due
+from utils.pictures import image_grid, plot_training_curves, save_grid, save_reconstruction_grid
+from utils.run_dir import RunDirError, prepare_run_dir
+from utils.script import clean_exit
+from utils.training import ModelEMA, TensorSnapshot, lr_factor
 
 SINGLE = DistInfo()
 CPU = torch.device("cpu")
@@ -72,80 +60,60 @@ def test_model_ema_math() -> None:
     assert torch.equal(restored.module.weight, ema.module.weight)
 
 
-def test_stop_request_turns_signals_into_a_flag() -> None:
+def test_stop_signal_turns_signals_into_a_flag_and_exits_with_the_signal_code(tmp_path: Path, capsys) -> None:
     before = signal.getsignal(signal.SIGTERM)
-    with StopRequest() as stop:
+    with StopSignal() as stop:
         assert not stop.requested(SINGLE, CPU)
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested(SINGLE, CPU) and stop.signal_name == "SIGTERM"
+        with pytest.raises(SystemExit) as info:
+            stop.exit(SINGLE, tmp_path / "last.pt", 2)
+        assert info.value.code == 143
+        assert f"Received SIGTERM: saved {tmp_path / 'last.pt'} at step 2" in capsys.readouterr().out
         with pytest.raises(KeyboardInterrupt):  # a second signal does not wait for the loop
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_bad_step_tracker_counts_runs_of_bad_steps(tmp_path: Path) -> None:
-    tracker = BadStepTracker(max_bad=2)
-    tracker.record(0, "rec_loss", tmp_path / "last.pt")
-    tracker.record(1, None, tmp_path / "last.pt")
-    tracker.record(2, "g_loss", tmp_path / "last.pt")
+    tracker = BadStepTracker(max_bad=2, last_checkpoint=tmp_path / "last.pt")
+    assert tracker.record(1, "rec_loss") == ("step 1: non-finite rec_loss, update skipped (1 in a row; training "
+                                             "stops at 2)")
+    assert tracker.record(2, None) is None
+    tracker.record(3, "g_loss")
     assert (tracker.consecutive, tracker.total) == (1, 2)
     with pytest.raises(TrainingStopped, match=r"2 consecutive steps \(3-4\) had a non-finite d_loss") as info:
-        tracker.record(3, "d_loss", tmp_path / "last.pt")
+        tracker.record(4, "d_loss")
     assert str(tmp_path / "last.pt") in str(info.value) and "--resume" in str(info.value)
 
 
 def test_tensor_snapshot_undoes_in_place_updates() -> None:
     bn = nn.BatchNorm1d(3)
     snapshot = TensorSnapshot(list(bn.buffers()))
-    snapshot.take()
     bn(torch.randn(8, 3) + 4)
     assert bn.running_mean.abs().sum() > 0
     snapshot.restore()
     assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
 
 
-def loop_settings(tmp_path: Path, **changes: int) -> LoopSettings:
-    values = dict(start_step=0, max_steps=6, log_every=2, sample_every=3, ckpt_every=4, max_bad_steps=2)
-    values.update(changes)
-    return LoopSettings(**values, desc="test", checkpoint_dir=tmp_path)
+def test_is_due() -> None:
+    assert [is_due(step, 3) for step in range(1, 7)] == [False, False, True, False, False, True]
+    assert not any(is_due(step, 0) for step in range(1, 7))
 
 
-def test_run_loop_logs_samples_and_saves_on_schedule(tmp_path: Path) -> None:
-    events: list[tuple] = []
-    bad = {2}
-
-    def train_step(step: int) -> dict[str, float]:
-        return {"nonfinite": "loss"} if step in bad else {"loss": float(step)}
-
-    end = run_loop(loop_settings(tmp_path), SINGLE, CPU, train_step=train_step,
-                   save=lambda s, periodic: events.append(("save", s, periodic)),
-                   log=lambda s, logs: events.append(("log", s, logs.get("loss"), logs["bad_steps"])),
-                   sample=lambda s: events.append(("sample", s)), items_per_step=4)
-    assert end == 6
-    assert events == [("log", 2, 1.0, 0.0), ("sample", 3), ("log", 4, 3.0, 1.0), ("save", 4, True),
-                      ("log", 6, 5.0, 1.0), ("save", 6, False), ("sample", 6)]
-
-
-def test_run_loop_stops_after_consecutive_bad_steps(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(TrainingStopped, match="non-finite rec_loss"):
-        run_loop(loop_settings(tmp_path, start_step=1), SINGLE, CPU, train_step=lambda s: {"nonfinite": "rec_loss"},
-                 save=lambda s, p: None, log=lambda s, logs: None, sample=lambda s: None, items_per_step=1)
-    assert "step 2: non-finite rec_loss, update skipped (1 in a row; training stops at 2)" in capsys.readouterr().out
-
-
-def test_run_loop_saves_and_exits_on_sigterm(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    saved = []
-
-    def train_step(step: int) -> dict[str, float]:
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return {}
-
-    with pytest.raises(SystemExit) as info:
-        run_loop(loop_settings(tmp_path, ckpt_every=0), SINGLE, CPU, train_step=train_step,
-                 save=lambda s, p: saved.append(s), log=lambda s, logs: None, sample=lambda s: None, items_per_step=1)
-    assert info.value.code == 143 and saved == [2]
-    assert f"Received SIGTERM: saved {tmp_path / 'last.pt'} at step 2" in capsys.readouterr().out
+def test_training_log_writes_rows_on_log_steps_and_the_last_step(tmp_path: Path) -> None:
+    tracker = BadStepTracker(max_bad=3, last_checkpoint=tmp_path / "last.pt")
+    with TrainingLog(tmp_path, ["lr", "loss", "items_per_s", "bad_steps"], start_step=0, max_steps=5, log_every=2,
+                     items_per_step=4, desc="test", postfix_keys=("loss",), is_main=True, bad_steps=tracker) as log:
+        for step in range(1, 6):
+            logs = {"nonfinite": "loss"} if step == 3 else {"loss": float(step), "ignored": 1.0}
+            log.step(step, logs, lr=0.1 * step)
+    log.close()
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert rows["step"] == [2, 4, 5] and rows["loss"] == [2.0, 4.0, 5.0] and rows["bad_steps"] == [0.0, 1.0, 1.0]
+    assert rows["lr"] == pytest.approx([0.2, 0.4, 0.5])
+    assert all(value > 0 for value in rows["items_per_s"])
+    assert log.steps_run == 5
 
 
 def test_prepare_run_dir_protects_existing_runs(tmp_path: Path) -> None:
@@ -312,10 +280,10 @@ def test_precision_picks_bf16_only_where_asked_or_on_cuda() -> None:
 
 
 def test_bf16_on_a_cpu_without_native_support_warns_with_the_fix(monkeypatch) -> None:
-    monkeypatch.setattr(utils.trainer, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(utils.device, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="emulated.*train.precision=fp32"):
         assert autocast_dtype(CPU, "bf16") is torch.bfloat16
-    monkeypatch.setattr(utils.trainer, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(utils.device, "cpu_has_native_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert autocast_dtype(CPU, "bf16") is torch.bfloat16

@@ -7,18 +7,13 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_vqgan
 
-from utils.config import DiscConfig, ModelConfig
-from vqgan import VQGAN, Decoder, Discriminator, Encoder, VectorQuantizer
+from utils.checkpoint import CheckpointError
+from vqgan import VQGAN, Decoder, Discriminator, DiscriminatorConfig, Encoder, VectorQuantizer, VQGANConfig
 from vqgan.layers import AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
 
 F16 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=256, resolution=256)
-
-
-def tiny_vqgan(**overrides) -> VQGAN:
-    kwargs = dict(in_channels=3, resolution=16, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                  z_channels=4, embed_dim=4, codebook_size=16)
-    return VQGAN(**{**kwargs, **overrides})
 
 
 def count(module: torch.nn.Module) -> int:
@@ -91,7 +86,7 @@ def test_shapes_for_several_resolutions(channels, resolution, ch_mult, attn, tok
     out = model(x)
     assert out.reconstruction.shape == x.shape
     assert out.indices.shape == (2, tokens, tokens) and out.indices.dtype == torch.long
-    assert out.codebook_loss.dim() == 0 and out.perplexity.dim() == 0
+    assert out.codebook_loss.dim() == 0
 
 
 def test_attention_sits_at_the_requested_resolutions() -> None:
@@ -144,16 +139,27 @@ def test_indices_round_trip_equals_forward(options) -> None:
     assert torch.equal(model.decode_indices(indices), out.reconstruction)
 
 
-def test_defaults_follow_model_config_and_config_rebuilds_model() -> None:
-    model = VQGAN(**dataclasses.asdict(ModelConfig()), in_channels=1, resolution=32)
-    defaults = VQGAN(in_channels=1, resolution=32).config
-    assert model.config == defaults
-    assert set(model.config) == {f.name for f in dataclasses.fields(ModelConfig)} | {"in_channels", "resolution"}
-    rebuilt = VQGAN(**model.config)
+def test_model_config_rebuilds_the_model_and_old_configs_are_refused_clearly() -> None:
+    model = VQGAN(VQGANConfig(), in_channels=1, resolution=32)
+    assert set(model.model_config) == {f.name for f in dataclasses.fields(VQGANConfig)} | {"in_channels",
+                                                                                          "resolution"}
+    rebuilt = VQGAN.from_model_config(model.model_config)
     rebuilt.load_state_dict(model.state_dict())
-    assert model.codebook_size == ModelConfig().codebook_size
+    assert model.codebook_size == VQGANConfig().codebook_size
     assert isinstance(model.quantizer, VectorQuantizer)
     assert model.last_layer is model.decoder.conv_out.weight and model.last_layer.shape[0] == 1
+    state = {"model_config": {**model.model_config, "colour_space": "lab"}, "model": model.state_dict()}
+    with pytest.raises(CheckpointError, match="old.pt.*model_config.*colour_space"):
+        VQGAN.from_checkpoint(state, "old.pt")
+
+
+def test_reconstruct_decodes_the_exported_indices_clamped() -> None:
+    torch.manual_seed(0)
+    model = tiny_vqgan().eval()
+    x = torch.randn(2, 3, 16, 16)
+    indices, reconstructions = model.reconstruct(x)
+    assert torch.equal(indices, model.encode_to_indices(x))
+    assert torch.equal(reconstructions, model.decode_indices(indices).clamp(-1, 1))
 
 
 def test_codebook_runs_in_fp32_under_autocast() -> None:
@@ -165,11 +171,11 @@ def test_codebook_runs_in_fp32_under_autocast() -> None:
 
 
 def test_discriminator_output_shape() -> None:
-    disc = Discriminator(**dataclasses.asdict(DiscConfig()), in_channels=3)
+    disc = Discriminator(3, DiscriminatorConfig())
     assert disc(torch.randn(2, 3, 32, 32)).shape == (2, 1, 2, 2)
     assert disc.output_size(256) == 30
     for norm in ("batch", "group", "none"):
-        small = Discriminator(in_channels=1, ndf=8, n_layers=2, norm=norm)
+        small = Discriminator(1, DiscriminatorConfig(ndf=8, n_layers=2, norm=norm))
         images = torch.randn(2, 1, 28, 28, requires_grad=True)
         logits = small(images)
         assert logits.shape == (2, 1, 5, 5)
@@ -178,9 +184,9 @@ def test_discriminator_output_shape() -> None:
     with pytest.raises(ValueError, match="too small .* n_layers=3"):
         disc(torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match="norm must be"):
-        Discriminator(norm="layer")
+        Discriminator(3, DiscriminatorConfig(norm="layer"))
     with pytest.raises(ValueError, match="n_layers"):
-        Discriminator(n_layers=0)
+        Discriminator(3, DiscriminatorConfig(n_layers=0))
 
 
 @pytest.mark.parametrize(
@@ -188,7 +194,7 @@ def test_discriminator_output_shape() -> None:
 )
 def test_discriminator_layers_and_init(norm: str, norm_type) -> None:
     torch.manual_seed(0)
-    disc = Discriminator(norm=norm)
+    disc = Discriminator(3, DiscriminatorConfig(norm=norm))
     convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
     norms = [m for m in disc.modules() if norm_type is not None and isinstance(m, norm_type)]
     assert [c.out_channels for c in convs] == [64, 128, 256, 512, 1]

@@ -140,8 +140,8 @@ class GPT(nn.Module):
         out_vocab_size: size of the output head; defaults to ``vocab_size``.
     """
 
-    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
-                 dropout: float = 0.0, positions: Positions = "learned", out_vocab_size: int | None = None) -> None:
+    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int, *,
+                 dropout: float, positions: Positions, out_vocab_size: int | None = None) -> None:
         super().__init__()
         if n_embd % n_head:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head}).")

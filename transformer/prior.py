@@ -14,14 +14,32 @@ the ``h*w`` codes, so the GPT (``block_size = h*w``) predicts only codes (``out_
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from transformer.gpt import GPT, Positions
-from transformer.sampling import sample_tokens
+from transformer.gpt import GPT
+from transformer.sampling import SamplingConfig, sample_tokens
+from utils.checkpoint import CheckpointError, load_state_dict_checked
+from utils.config import opt
 
 Labels = int | Sequence[int] | torch.Tensor
+
+
+@dataclass
+class PriorConfig:
+    """The ``transformer`` config section: the GPT and how the prior trains it."""
+
+    n_layer: int = opt(8, "transformer blocks")
+    n_head: int = opt(8, "attention heads")
+    n_embd: int = opt(512, "embedding width")
+    dropout: float = opt(0.0, "dropout in attention and MLP")
+    positions: Literal["learned", "rotary"] = opt("learned", "position encoding")
+    class_conditional: bool = opt(True, "condition on the dataset's class labels")
+    class_dropout: float = opt(0.1, "probability of dropping the class (enables classifier-free guidance)")
+    pkeep: float = opt(1.0, "probability of keeping each input token (the rest become random codes)")
 
 
 class VQGANPrior(nn.Module):
@@ -31,21 +49,19 @@ class VQGANPrior(nn.Module):
         vqgan: module with ``encode_to_indices(images) -> LongTensor[B, h, w]``,
             ``decode_indices(indices) -> images`` and attributes ``codebook_size`` and
             ``latent_size`` (h, w). It is frozen and stays in eval mode.
-        n_layer, n_head, n_embd, dropout, positions: the GPT (see :class:`transformer.gpt.GPT`).
-        class_conditional: condition on a class label given as the prefix token.
-        class_dropout: training probability of replacing the class token by the null token.
-        pkeep: training probability of keeping each input code; the rest become uniformly random
-            codes (the targets stay clean).
+        config: the GPT (see :class:`transformer.gpt.GPT`), class conditioning, class dropout (the
+            training probability of replacing the class token by the null token) and ``pkeep`` (the
+            training probability of keeping each input code; the rest become uniformly random codes,
+            the targets stay clean).
         num_classes: number of classes of a class-conditional model.
         codebook_size, latent_size: optional; checked against the VQGAN, so that
-            ``VQGANPrior(vqgan, **prior.config)`` rebuilds a saved prior.
+            :meth:`from_prior_config` rebuilds a saved prior only around the VQGAN it was trained on.
     """
 
-    def __init__(self, vqgan: nn.Module, *, n_layer: int = 8, n_head: int = 8, n_embd: int = 512,
-                 dropout: float = 0.0, positions: Positions = "learned", class_conditional: bool = False,
-                 class_dropout: float = 0.1, pkeep: float = 1.0, num_classes: int = 0,
+    def __init__(self, vqgan: nn.Module, config: PriorConfig, num_classes: int = 0, *,
                  codebook_size: int | None = None, latent_size: Sequence[int] | None = None) -> None:
         super().__init__()
+        class_conditional, class_dropout, pkeep = config.class_conditional, config.class_dropout, config.pkeep
         size = vqgan.latent_size
         h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         if codebook_size is not None and codebook_size != vqgan.codebook_size:
@@ -68,16 +84,34 @@ class VQGANPrior(nn.Module):
         self.pkeep = pkeep
         # The start token of an unconditional prior; the no-class token of a class-conditional one.
         self.null_token = self.codebook_size + (num_classes if class_conditional else 0)
-        self._gpt_kwargs = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout, positions=positions)
-        self.gpt = GPT(vocab_size=self.null_token + 1, block_size=h * w, out_vocab_size=self.codebook_size,
-                       **self._gpt_kwargs)
+        self.options = config
+        self.gpt = GPT(vocab_size=self.null_token + 1, block_size=h * w, n_layer=config.n_layer,
+                       n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, positions=config.positions,
+                       out_vocab_size=self.codebook_size)
 
     @property
-    def config(self) -> dict:
-        """Constructor arguments (plain values) that rebuild this prior around the same VQGAN."""
-        return {**self._gpt_kwargs, "class_conditional": self.class_conditional, "class_dropout": self.class_dropout,
-                "pkeep": self.pkeep, "num_classes": self.num_classes, "codebook_size": self.codebook_size,
+    def prior_config(self) -> dict[str, Any]:
+        """Plain values that rebuild this prior around the same VQGAN: what checkpoints store as ``prior_config``."""
+        return {**asdict(self.options), "num_classes": self.num_classes, "codebook_size": self.codebook_size,
                 "latent_size": list(self.latent_size)}
+
+    @classmethod
+    def from_prior_config(cls, vqgan: nn.Module, prior_config: dict[str, Any]) -> VQGANPrior:
+        """The prior :attr:`prior_config` describes, around ``vqgan`` (GPT weights freshly initialised)."""
+        options = dict(prior_config)
+        extra = {key: options.pop(key) for key in ("num_classes", "codebook_size", "latent_size")}
+        return cls(vqgan, PriorConfig(**options), **extra)
+
+    @classmethod
+    def from_checkpoint(cls, vqgan: nn.Module, state: dict[str, Any], source: str) -> VQGANPrior:
+        """The trained prior of a stage-2 checkpoint dict around ``vqgan``, in eval mode (EMA weights when kept)."""
+        try:
+            prior = cls.from_prior_config(vqgan, state["prior_config"])
+        except (TypeError, KeyError) as err:
+            raise CheckpointError(f"{source}: its prior_config cannot be built by this version of the code "
+                                  f"({err}). Was it written by another version or another program?") from err
+        load_state_dict_checked(prior.gpt, state.get("ema") or state["model"], source)
+        return prior.eval()
 
     @property
     def seq_len(self) -> int:
@@ -179,8 +213,9 @@ class VQGANPrior(nn.Module):
         return labels
 
     @torch.no_grad()
-    def sample(self, num: int, labels: Labels | None = None, *, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, cfg_scale: float = 1.0, generator: torch.Generator | None = None,
+    def sample(self, num: int, labels: Labels | None = None, *, temperature: float = SamplingConfig.temperature,
+               top_k: int | None = SamplingConfig.top_k, top_p: float | None = SamplingConfig.top_p,
+               cfg_scale: float = SamplingConfig.cfg_scale, generator: torch.Generator | None = None,
                batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``num`` code grids and decode them: (indices [N, h, w], images [N, C, H, W]).
 

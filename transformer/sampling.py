@@ -7,9 +7,23 @@ tokens for the same generator state.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from transformer.gpt import GPT
+from utils.config import opt
+
+
+@dataclass
+class SamplingConfig:
+    """The ``sample`` config section; its defaults are also :func:`sample_tokens`'s (plain sampling)."""
+
+    temperature: float = opt(1.0, "softmax temperature")
+    top_k: Optional[int] = opt(None, "keep only the k most likely codes")
+    top_p: Optional[float] = opt(None, "keep the smallest set of codes whose probability reaches p")
+    cfg_scale: float = opt(1.0, "classifier-free guidance scale (1 = plain conditional)")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -47,8 +61,9 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 
 
 @torch.no_grad()
-def sample_tokens(gpt: GPT, prefix: torch.Tensor, num_tokens: int, *, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
+def sample_tokens(gpt: GPT, prefix: torch.Tensor, num_tokens: int, *, temperature: float = SamplingConfig.temperature,
+                  top_k: int | None = SamplingConfig.top_k, top_p: float | None = SamplingConfig.top_p,
+                  cfg_scale: float = SamplingConfig.cfg_scale,
                   uncond_prefix: torch.Tensor | None = None, generator: torch.Generator | None = None,
                   use_cache: bool = True) -> torch.Tensor:
     """Sample ``num_tokens`` tokens [B, num_tokens] after ``prefix`` [B, P].

@@ -1,11 +1,18 @@
-"""Training logs: ``metrics.csv`` in the run folder, plus TensorBoard events when it is installed."""
+"""Training logs: ``metrics.csv`` in the run folder (plus TensorBoard events when it is installed) and the
+progress bar with its images-or-tokens-per-second meter."""
 
 from __future__ import annotations
 
 import csv
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
+
+from utils.loop import BadStepTracker, finish_message
 
 try:
     from torch.utils.tensorboard import SummaryWriter
@@ -61,6 +68,76 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class TrainingLog:
+    """The progress bar, ``metrics.csv`` and non-finite step count of a training run; only the main
+    process shows and writes.
+
+    :meth:`step` is called after every optimizer step with the step's logs. A skipped step (logs
+    ``{"nonfinite": name}``) is announced and counted by ``bad_steps`` (which stops training after too
+    many in a row). On log steps it adds the learning rate, the throughput (``items_per_s`` since the
+    previous log step) and ``bad_steps``, shows ``postfix_keys`` on the bar and writes the values whose
+    names are ``columns``.
+    """
+
+    def __init__(self, run_dir: Path, columns: list[str], *, start_step: int, max_steps: int, log_every: int,
+                 items_per_step: int, desc: str, postfix_keys: tuple[str, ...], is_main: bool,
+                 bad_steps: BadStepTracker) -> None:
+        self.columns, self.max_steps, self.log_every, self.is_main = columns, max_steps, log_every, is_main
+        self.bad_steps = bad_steps
+        self.items_per_step, self.postfix_keys = items_per_step, postfix_keys
+        self.metrics = MetricsLogger(run_dir, columns, resume_step=start_step or None) if is_main else None
+        self.bar = tqdm(total=max_steps, initial=start_step, desc=desc, disable=not is_main, dynamic_ncols=True,
+                        file=sys.stdout)
+        self.started = self.window_start = self.last_step_end = time.perf_counter()
+        self.window_items, self.steps_run = 0, 0
+
+    def __enter__(self) -> TrainingLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def step(self, step: int, logs: dict[str, float], lr: float) -> None:
+        """Account for optimizer step ``step`` (1-based), taken at learning rate ``lr``, and log ``logs``
+        when it is a log step."""
+        skipped = self.bad_steps.record(step, logs.pop("nonfinite", None))
+        if skipped:
+            self.write(skipped)
+        else:
+            logs["lr"] = lr
+        self.window_items += self.items_per_step
+        self.steps_run += 1
+        self.last_step_end = time.perf_counter()
+        self.bar.update(1)
+        if step % self.log_every and step != self.max_steps:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        logs = {**logs, "items_per_s": self.window_items / max(elapsed, 1e-9),
+                "bad_steps": float(self.bad_steps.total)}
+        self.window_start, self.window_items = time.perf_counter(), 0
+        self.bar.set_postfix({k: f"{logs[k]:.4g}" for k in self.postfix_keys if k in logs})
+        if self.metrics is not None:
+            self.metrics.log(step, {k: v for k, v in logs.items() if k in self.columns})
+
+    def finish(self, device: Any, checkpoint: Path) -> None:
+        """Print the closing line: steps run, time per step (the steps only, not the last checkpoint and
+        samples), peak memory and where the checkpoint is."""
+        if self.is_main and self.steps_run:
+            print(finish_message(self.steps_run, self.last_step_end - self.started, device, checkpoint))
+
+    def write(self, line: str) -> None:
+        """Print ``line`` above the progress bar (main process only)."""
+        if self.is_main:
+            self.bar.write(line)
+
+    def close(self) -> None:
+        """Close the bar and the metrics files (again is harmless)."""
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
 
 def _format(value: Any) -> Any:

@@ -1,9 +1,10 @@
 """Stage 1: the VQGAN autoencoder, its vector quantiser, the PatchGAN discriminator, LPIPS and the losses."""
 
 from vqgan.decoder import Decoder
-from vqgan.discriminator import Discriminator
+from vqgan.discriminator import Discriminator, DiscriminatorConfig
 from vqgan.encoder import Encoder
 from vqgan.loss import (
+    LossConfig,
     VQGANLoss,
     adaptive_weight,
     hinge_d_loss,
@@ -14,12 +15,16 @@ from vqgan.loss import (
     vanilla_g_loss,
 )
 from vqgan.lpips import LPIPS, LPIPSWeightsError, LPIPSWeightsMismatchError
-from vqgan.model import VQGAN, VQGANOutput
-from vqgan.quantizer import QuantizerOutput, VectorQuantizer, usage_and_perplexity
+from vqgan.model import VQGAN, VQGANConfig, VQGANOutput
+from vqgan.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer, usage_and_perplexity
 
 __all__ = [
     "Decoder",
     "Discriminator",
+    "DiscriminatorConfig",
+    "LossConfig",
+    "QuantizerConfig",
+    "VQGANConfig",
     "Encoder",
     "QuantizerOutput",
     "VQGAN",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
+from utils.config import opt
 from vqgan.layers import group_norm
 
 KERNEL = 4
@@ -28,6 +30,15 @@ def _conv_out_size(size: int, stride: int) -> int:
     return (size + 2 * PADDING - KERNEL) // stride + 1
 
 
+@dataclass
+class DiscriminatorConfig:
+    """The ``disc`` config section."""
+
+    n_layers: int = opt(3, "PatchGAN depth (strided conv layers)")
+    ndf: int = opt(64, "filters of the first discriminator layer")
+    norm: Literal["batch", "group", "none"] = opt("batch", "normalisation inside the discriminator")
+
+
 class Discriminator(nn.Module):
     """pix2pix ``NLayerDiscriminator``: logits [B, 1, h, w] for images [B, in_channels, H, W].
 
@@ -37,10 +48,9 @@ class Discriminator(nn.Module):
     in pix2pix: conv weights N(0, 0.02), norm scales N(1, 0.02), biases zero.
     """
 
-    def __init__(
-        self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: Literal["batch", "group", "none"] = "batch"
-    ) -> None:
+    def __init__(self, in_channels: int, config: DiscriminatorConfig) -> None:
         super().__init__()
+        ndf, n_layers, norm = config.ndf, config.n_layers, config.norm
         if norm not in ("batch", "group", "none"):
             raise ValueError(f"norm must be 'batch', 'group' or 'none', got {norm!r}.")
         if n_layers < 1:

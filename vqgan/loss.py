@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.config import opt
 from vqgan.lpips import LPIPS
 
 ADAPTIVE_EPS = 1e-4
@@ -81,6 +82,47 @@ def _no_param_grads(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+@dataclass
+class LossConfig:
+    """The ``loss`` config section."""
+
+    rec_loss: Literal["l1", "l2"] = opt("l1", "pixel reconstruction loss")
+    rec_weight: float = opt(1.0, "weight of the pixel reconstruction loss")
+    perceptual_weight: float = opt(1.0, "weight of the LPIPS loss (0 = off; needs VGG16 + LPIPS weights)")
+    codebook_weight: float = opt(1.0, "weight of the codebook + commitment loss")
+    disc_start: int = opt(10000, "step at which the GAN loss starts")
+    disc_weight: float = opt(0.8, "weight of the generator (GAN) loss")
+    disc_loss: Literal["hinge", "vanilla"] = opt("hinge", "discriminator / generator loss form")
+    adaptive_weight: bool = opt(True, "scale the GAN loss by ||grad rec|| / ||grad gan|| at the decoder's last layer")
+    adaptive_weight_max: float = opt(1e4, "clamp of the adaptive weight")
+    disc_warmup_steps: int = opt(0, "ramp the GAN weight linearly from 0 over this many steps after disc_start")
+    lecam_weight: float = opt(0.0, "LeCam regularisation of the discriminator (0 = off)")
+    lecam_decay: float = opt(0.999, "EMA decay of the LeCam anchors")
+    lpips_vgg_path: Optional[str] = opt(None, "VGG16 ImageNet weights file (default: torchvision cache)")
+    lpips_heads_path: Optional[str] = opt(None, "LPIPS linear-head weights vgg.pth (default: from the lpips package)")
+
+
+class LeCamAnchors(nn.Module):
+    """Moving averages of the discriminator's mean real and fake logits (the LeCam anchors).
+
+    They are persistent buffers, so a checkpoint of this module's ``state_dict`` resumes them.
+    """
+
+    def __init__(self, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("real", torch.zeros(()))
+        self.register_buffer("fake", torch.zeros(()))
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def update(self, mean_real: torch.Tensor, mean_fake: torch.Tensor) -> None:
+        """Move the anchors towards this batch's mean logits (the first batch sets them)."""
+        for anchor, value in ((self.real, mean_real), (self.fake, mean_fake)):
+            anchor.copy_(torch.where(self.ready, self.decay * anchor + (1.0 - self.decay) * value, value))
+        self.ready.fill_(True)
+
+
 class VQGANLoss(nn.Module):
     """The VQGAN objective; keyword arguments mirror the ``loss`` config section.
 
@@ -91,45 +133,25 @@ class VQGANLoss(nn.Module):
     LPIPS is built, so no weight files are needed.
     """
 
-    def __init__(
-        self,
-        *,
-        rec_loss: str = "l1",
-        rec_weight: float = 1.0,
-        perceptual_weight: float = 1.0,
-        codebook_weight: float = 1.0,
-        disc_start: int = 10000,
-        disc_weight: float = 0.8,
-        disc_loss: str = "hinge",
-        adaptive_weight: bool = True,
-        adaptive_weight_max: float = 1e4,
-        disc_warmup_steps: int = 0,
-        lecam_weight: float = 0.0,
-        lecam_decay: float = 0.999,
-        lpips_vgg_path: str | Path | None = None,
-        lpips_heads_path: str | Path | None = None,
-    ) -> None:
+    def __init__(self, config: LossConfig) -> None:
         super().__init__()
-        if rec_loss not in ("l1", "l2"):
-            raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}.")
-        if disc_loss not in GAN_LOSSES:
-            raise ValueError(f"disc_loss must be one of {', '.join(GAN_LOSSES)}, got {disc_loss!r}.")
-        self.rec_loss = rec_loss
-        self.rec_weight = rec_weight
-        self.perceptual_weight = perceptual_weight
-        self.codebook_weight = codebook_weight
-        self.disc_start = disc_start
-        self.disc_weight = disc_weight
-        self.d_loss_fn, self.g_loss_fn = GAN_LOSSES[disc_loss]
-        self.use_adaptive_weight = adaptive_weight
-        self.adaptive_weight_max = adaptive_weight_max
-        self.disc_warmup_steps = disc_warmup_steps
-        self.lecam_weight = lecam_weight
-        self.lecam_decay = lecam_decay
-        self.lpips = LPIPS(lpips_vgg_path, lpips_heads_path) if perceptual_weight > 0 else None
-        self.register_buffer("lecam_anchor_real", torch.zeros(()), persistent=False)
-        self.register_buffer("lecam_anchor_fake", torch.zeros(()), persistent=False)
-        self.register_buffer("lecam_anchor_ready", torch.zeros((), dtype=torch.bool), persistent=False)
+        if config.rec_loss not in ("l1", "l2"):
+            raise ValueError(f"rec_loss must be 'l1' or 'l2', got {config.rec_loss!r}.")
+        if config.disc_loss not in GAN_LOSSES:
+            raise ValueError(f"disc_loss must be one of {', '.join(GAN_LOSSES)}, got {config.disc_loss!r}.")
+        self.rec_loss = config.rec_loss
+        self.rec_weight = config.rec_weight
+        self.perceptual_weight = config.perceptual_weight
+        self.codebook_weight = config.codebook_weight
+        self.disc_start = config.disc_start
+        self.disc_weight = config.disc_weight
+        self.d_loss_fn, self.g_loss_fn = GAN_LOSSES[config.disc_loss]
+        self.use_adaptive_weight = config.adaptive_weight
+        self.adaptive_weight_max = config.adaptive_weight_max
+        self.disc_warmup_steps = config.disc_warmup_steps
+        self.lecam_weight = config.lecam_weight
+        self.lecam = LeCamAnchors(config.lecam_decay)
+        self.lpips = LPIPS(config.lpips_vgg_path, config.lpips_heads_path) if config.perceptual_weight > 0 else None
 
     def gan_factor(self, step: int) -> float:
         """0 before ``disc_start``; then ``disc_weight``, ramped linearly over ``disc_warmup_steps``.
@@ -165,17 +187,18 @@ class VQGANLoss(nn.Module):
         last_layer: torch.Tensor,
         step: int,
         scale: float = 1.0,
-        fused: bool = True,
     ) -> dict[str, float]:
         """Backpropagate ``scale`` * autoencoder loss into the autoencoder; return the terms as floats.
 
         ``last_layer`` is the weight of the decoder's final convolution. The discriminator runs only
         when ``gan_factor(step) > 0`` and its parameters receive no gradients (pass the bare module,
-        not a DDP wrapper). ``fused`` takes the gradients of the reconstruction(+perceptual) loss and
-        of the GAN loss with respect to ``reconstruction`` once each, derives the last-layer gradient
-        norms from them, and sends the combined gradient through the decoder once; ``fused=False``
-        is the reference formulation (two ``autograd.grad`` calls on the last layer, then a full
-        backward) and gives the same gradients.
+        not a DDP wrapper).
+
+        The gradients of the reconstruction(+perceptual) loss and of the GAN loss with respect to
+        ``reconstruction`` are taken once each; the last-layer gradient norms of the adaptive weight
+        are derived from them, and the combined gradient goes through the decoder once. This equals
+        the textbook formulation (two ``autograd.grad`` calls on the last layer, then a full
+        backward of the weighted sum) without its extra passes through LPIPS and the discriminator.
         """
         nll, rec, perceptual = self._nll(inputs, reconstruction)
         factor = self.gan_factor(step)
@@ -183,8 +206,7 @@ class VQGANLoss(nn.Module):
         if factor > 0:
             with _no_param_grads(discriminator):
                 g_loss = self.g_loss_fn(discriminator(reconstruction).float())
-        backward = self._backward_fused if fused else self._backward_reference
-        weight = backward(reconstruction, nll, codebook_loss, g_loss, factor, last_layer, scale)
+        weight = self._backward(reconstruction, nll, codebook_loss, g_loss, factor, last_layer, scale)
         terms = (rec, perceptual, codebook_loss, g_loss, weight)
         values = torch.stack([t.detach().float() for t in terms]).tolist()
         logs = dict(zip(("rec_loss", "p_loss", "codebook_loss", "g_loss", "d_weight"), values))
@@ -197,7 +219,7 @@ class VQGANLoss(nn.Module):
         logs["gan_factor"] = factor
         return logs
 
-    def _backward_fused(
+    def _backward(
         self,
         reconstruction: torch.Tensor,
         nll: torch.Tensor,
@@ -225,44 +247,13 @@ class VQGANLoss(nn.Module):
         torch.autograd.backward(roots, root_grads)
         return weight
 
-    def _backward_reference(
-        self,
-        reconstruction: torch.Tensor,
-        nll: torch.Tensor,
-        codebook_loss: torch.Tensor,
-        g_loss: torch.Tensor,
-        factor: float,
-        last_layer: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        """The straightforward formulation: gradients of both losses at the last layer, then one full backward."""
-        total = nll + self.codebook_weight * codebook_loss
-        weight = nll.new_zeros(())
-        if factor > 0:
-            weight = nll.new_ones(())
-            if self.use_adaptive_weight:
-                (rec_last,) = torch.autograd.grad(nll, last_layer, retain_graph=True)
-                (gan_last,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-                weight = self._adaptive(rec_last, gan_last)
-            total = total + weight * factor * g_loss
-        (total * scale).backward()
-        return weight
-
-    @torch.no_grad()
-    def _update_anchors(self, mean_real: torch.Tensor, mean_fake: torch.Tensor) -> None:
-        ready, decay = self.lecam_anchor_ready, self.lecam_decay
-        for anchor, value in ((self.lecam_anchor_real, mean_real), (self.lecam_anchor_fake, mean_fake)):
-            anchor.copy_(torch.where(ready, decay * anchor + (1.0 - decay) * value, value))
-        ready.fill_(True)
-
     def discriminator_loss(
-        self, inputs: torch.Tensor, reconstruction_detached: torch.Tensor, discriminator: nn.Module, step: int
+        self, inputs: torch.Tensor, reconstruction_detached: torch.Tensor, discriminator: nn.Module
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """GAN loss of the discriminator on real images vs detached reconstructions (+ LeCam term).
 
-        The loss is multiplied by 0 before ``disc_start`` and 1 from then on; callers skip the call
-        before ``disc_start`` to save the work. In training mode the LeCam anchors are updated with
-        this batch's mean logits before the regulariser is computed.
+        Call it only from ``disc_start`` on (``gan_factor(step) > 0``). In training mode the LeCam
+        anchors are updated with this batch's mean logits before the regulariser is computed.
         """
         logits_real = discriminator(inputs.detach()).float()
         logits_fake = discriminator(reconstruction_detached.detach()).float()
@@ -270,28 +261,9 @@ class VQGANLoss(nn.Module):
         lecam = d_loss.new_zeros(())
         if self.lecam_weight > 0:
             if self.training:
-                self._update_anchors(logits_real.detach().mean(), logits_fake.detach().mean())
-            lecam = lecam_regularizer(logits_real, logits_fake, self.lecam_anchor_real, self.lecam_anchor_fake)
-        factor = 1.0 if step >= self.disc_start else 0.0
-        loss = factor * (d_loss + self.lecam_weight * lecam)
+                self.lecam.update(logits_real.detach().mean(), logits_fake.detach().mean())
+            lecam = lecam_regularizer(logits_real, logits_fake, self.lecam.real, self.lecam.fake)
+        loss = d_loss + self.lecam_weight * lecam
         values = torch.stack([t.detach() for t in (loss, d_loss, lecam, logits_real.mean(), logits_fake.mean())])
         keys = ("disc_loss", "d_loss", "lecam_loss", "logits_real", "logits_fake")
         return loss, dict(zip(keys, values.tolist()))
-
-    def training_state(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint needs to resume the loss: the LeCam anchors (never the LPIPS weights)."""
-        return {
-            "lecam_anchor_real": self.lecam_anchor_real.detach().clone(),
-            "lecam_anchor_fake": self.lecam_anchor_fake.detach().clone(),
-            "lecam_anchor_ready": self.lecam_anchor_ready.detach().clone(),
-        }
-
-    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`training_state` returned."""
-        expected = self.training_state()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise KeyError(f"loss training state: missing keys {missing}, unexpected keys {unexpected}.")
-        for key in expected:
-            getattr(self, key).copy_(state[key])

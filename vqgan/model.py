@@ -2,75 +2,91 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from utils.checkpoint import CheckpointError, load_state_dict_checked
+from utils.config import opt
 from vqgan.decoder import Decoder
 from vqgan.encoder import Encoder
-from vqgan.quantizer import QuantizerOutput, VectorQuantizer
+from vqgan.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer
+
+
+@dataclass
+class VQGANConfig(QuantizerConfig):
+    """The ``model`` config section: the codebook options of :class:`QuantizerConfig` plus the
+    encoder/decoder architecture (image size and channels come from the data)."""
+
+    ch: int = opt(64, "base channel count of encoder and decoder")
+    ch_mult: tuple[int, ...] = opt((1, 2, 2), "channel multiplier per level; downsample factor = 2**(len-1)")
+    num_res_blocks: int = opt(1, "ResNet blocks per encoder level (decoder uses one more)")
+    attn_resolutions: tuple[int, ...] = opt((8,), "feature-map sizes that get self-attention")
+    z_channels: int = opt(64, "channels of the encoder output / decoder input")
+    dropout: float = opt(0.0, "dropout inside ResNet blocks")
 
 
 class VQGANOutput(NamedTuple):
-    """Result of :meth:`VQGAN.forward`: images, codebook loss, code indices [B, h, w], batch perplexity."""
+    """Result of :meth:`VQGAN.forward`: images, codebook loss and code indices [B, h, w]."""
 
     reconstruction: torch.Tensor
     codebook_loss: torch.Tensor
     indices: torch.Tensor
-    perplexity: torch.Tensor
 
 
 class VQGAN(nn.Module):
     """Stage-1 model. Images in, reconstructions and discrete codes out.
 
-    Keyword names match the ``model`` config section; ``in_channels`` and ``resolution`` come from
-    the data. ``self.config`` holds every constructor argument so ``VQGAN(**config)`` rebuilds it.
-    Stage 2 relies only on :meth:`encode_to_indices`, :meth:`decode_indices`, :attr:`latent_size`
-    and :attr:`codebook_size`.
+    ``config`` is the ``model`` config section; ``in_channels`` and ``resolution`` come from the
+    data. :attr:`model_config` holds all of them as plain values, and :meth:`from_model_config`
+    rebuilds the model from it (checkpoints store it). Stage 2 relies only on
+    :meth:`encode_to_indices`, :meth:`decode_indices`, :attr:`latent_size` and :attr:`codebook_size`.
     """
 
-    def __init__(
-        self,
-        *,
-        in_channels: int = 3,
-        resolution: int = 32,
-        ch: int = 64,
-        ch_mult: Sequence[int] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        attn_resolutions: Sequence[int] = (8,),
-        z_channels: int = 64,
-        dropout: float = 0.0,
-        codebook_size: int = 512,
-        embed_dim: int = 64,
-        codebook_dim: int | None = None,
-        l2_norm: bool = False,
-        beta: float = 0.25,
-        ema: bool = False,
-        ema_decay: float = 0.99,
-        ema_eps: float = 1e-5,
-        dead_code_steps: int = 0,
-        usage_window: int = 100,
-    ) -> None:
+    def __init__(self, config: VQGANConfig, *, in_channels: int, resolution: int) -> None:
         super().__init__()
-        ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
-        self.config: dict[str, Any] = dict(
-            in_channels=in_channels, resolution=resolution, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-            attn_resolutions=attn_resolutions, z_channels=z_channels, dropout=dropout, codebook_size=codebook_size,
-            embed_dim=embed_dim, codebook_dim=codebook_dim, l2_norm=l2_norm, beta=beta, ema=ema,
-            ema_decay=ema_decay, ema_eps=ema_eps, dead_code_steps=dead_code_steps, usage_window=usage_window,
-        )
+        config = dataclasses.replace(config, ch_mult=tuple(config.ch_mult),
+                                     attn_resolutions=tuple(config.attn_resolutions))
+        self.options = config
+        self.in_channels = in_channels
         self.resolution = resolution
-        shape = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
-                     z_channels=z_channels, resolution=resolution, dropout=dropout)
+        shape = dict(ch=config.ch, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks,
+                     attn_resolutions=config.attn_resolutions, z_channels=config.z_channels, resolution=resolution,
+                     dropout=config.dropout)
         self.encoder = Encoder(**shape, in_channels=in_channels)
         self.decoder = Decoder(**shape, out_channels=in_channels)
-        self.quant_conv = nn.Conv2d(z_channels, embed_dim, kernel_size=1)
-        self.quantizer = VectorQuantizer(
-            codebook_size, embed_dim, codebook_dim=codebook_dim, l2_norm=l2_norm, beta=beta, ema=ema,
-            ema_decay=ema_decay, ema_eps=ema_eps, dead_code_steps=dead_code_steps, usage_window=usage_window,
-        )
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, kernel_size=1)
+        self.quantizer = VectorQuantizer(config)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """Every constructor argument as plain values: what checkpoints store as ``model_config``."""
+        return {"in_channels": self.in_channels, "resolution": self.resolution, **dataclasses.asdict(self.options)}
+
+    @classmethod
+    def from_model_config(cls, model_config: dict[str, Any]) -> VQGAN:
+        """The model :attr:`model_config` describes (weights freshly initialised)."""
+        options = dict(model_config)
+        in_channels, resolution = options.pop("in_channels"), options.pop("resolution")
+        return cls(VQGANConfig(**options), in_channels=in_channels, resolution=resolution)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any], source: str) -> VQGAN:
+        """The trained model of a stage-1 checkpoint dict, in eval mode (EMA weights when the run kept them).
+
+        ``source`` names the checkpoint in error messages.
+        """
+        try:
+            model = cls.from_model_config(state["model_config"])
+        except (TypeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{source}: its model_config cannot be built by this version of the code "
+                                  f"({err}). Was it written by another version or another program?") from err
+        load_state_dict_checked(model, state.get("ema") or state["model"], source)
+        return model.eval()
 
     @property
     def downsample_factor(self) -> int:
@@ -100,9 +116,9 @@ class VQGAN(nn.Module):
         return self.decoder(self.post_quant_conv(z_q))
 
     def forward(self, x: torch.Tensor) -> VQGANOutput:
-        """Encode, quantize and decode: reconstruction, codebook loss, indices and batch perplexity."""
+        """Encode, quantize and decode: reconstruction, codebook loss and indices."""
         quantized = self.encode(x)
-        return VQGANOutput(self.decode(quantized.z_q), quantized.loss, quantized.indices, quantized.perplexity)
+        return VQGANOutput(self.decode(quantized.z_q), quantized.loss, quantized.indices)
 
     @torch.no_grad()
     def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
@@ -112,3 +128,9 @@ class VQGAN(nn.Module):
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Images for code indices [B, h, w]."""
         return self.decode(self.quantizer.embed_indices(indices))
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices [B, h, w], reconstructions clamped to [-1, 1]): exactly what decoding exported tokens gives."""
+        indices = self.encode_to_indices(images)
+        return indices, self.decode_indices(indices).clamp(-1, 1)

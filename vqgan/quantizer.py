@@ -2,32 +2,55 @@
 
 Options: cosine lookup (``l2_norm``), a low-dimensional lookup space (``codebook_dim``), EMA codebook
 updates (``ema``), re-seeding of dead codes from encoder outputs (``dead_code_steps``), and rolling
-usage statistics over the last ``usage_window`` training steps. All statistics live in registered
+usage statistics over the last ``usage_window`` optimizer steps. All statistics live in registered
 buffers, so they are saved in and restored from ``state_dict``.
+
+A training forward only accumulates this step's code counts; :meth:`VectorQuantizer.end_step`, called
+once per optimizer step after its backward passes (the stage-1 step does), moves them into the usage
+window and restarts dead codes. With gradient accumulation the window and ``dead_code_steps``
+therefore count optimizer steps, not micro-batches.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from utils.config import opt
+
 
 class QuantizerOutput(NamedTuple):
     """Result of :meth:`VectorQuantizer.forward`.
 
     ``z_q`` is float32 [B, embed_dim, H, W] whatever the input dtype; ``loss`` is the scalar
-    codebook + commitment loss; ``indices`` is long [B, H, W]; ``perplexity`` is the perplexity of
-    this batch's code assignments (a float32 scalar tensor).
+    codebook + commitment loss; ``indices`` is long [B, H, W].
     """
 
     z_q: torch.Tensor
     loss: torch.Tensor
     indices: torch.Tensor
-    perplexity: torch.Tensor
+
+
+@dataclass
+class QuantizerConfig:
+    """The codebook options of the ``model`` config section (:class:`vqgan.model.VQGANConfig` extends it)."""
+
+    codebook_size: int = opt(512, "number of codes in the codebook")
+    embed_dim: int = opt(64, "dimension of a code vector (1x1 convs map z_channels to it and back)")
+    codebook_dim: Optional[int] = opt(None, "if set, look codes up in this lower dimension (factorised codes)")
+    l2_norm: bool = opt(False, "cosine-similarity lookup on l2-normalised vectors")
+    beta: float = opt(0.25, "commitment weight on the encoder term ||z - sg(z_q)||^2")
+    ema: bool = opt(False, "update codes by exponential moving averages instead of gradients")
+    ema_decay: float = opt(0.99, "decay of the EMA codebook update")
+    ema_eps: float = opt(1e-5, "Laplace smoothing of EMA cluster sizes")
+    dead_code_steps: int = opt(0, "re-seed codes unused for this many optimizer steps from recent encoder "
+                                  "outputs (0 = off)")
+    usage_window: int = opt(100, "optimizer steps of indices kept for the codebook-usage statistic")
 
 
 def usage_and_perplexity(counts: torch.Tensor) -> tuple[float, float]:
@@ -71,20 +94,10 @@ class VectorQuantizer(nn.Module):
     taken from rank 0, so all ranks keep identical codebooks.
     """
 
-    def __init__(
-        self,
-        codebook_size: int,
-        embed_dim: int,
-        codebook_dim: int | None = None,
-        l2_norm: bool = False,
-        beta: float = 0.25,
-        ema: bool = False,
-        ema_decay: float = 0.99,
-        ema_eps: float = 1e-5,
-        dead_code_steps: int = 0,
-        usage_window: int = 100,
-    ) -> None:
+    def __init__(self, config: QuantizerConfig) -> None:
         super().__init__()
+        codebook_size, embed_dim, codebook_dim = config.codebook_size, config.embed_dim, config.codebook_dim
+        ema, ema_decay, usage_window = config.ema, config.ema_decay, config.usage_window
         if codebook_size < 1 or embed_dim < 1:
             raise ValueError(f"codebook_size ({codebook_size}) and embed_dim ({embed_dim}) must be positive.")
         if codebook_dim is not None and codebook_dim < 1:
@@ -96,12 +109,12 @@ class VectorQuantizer(nn.Module):
         self.codebook_size = codebook_size
         self.embed_dim = embed_dim
         self.lookup_dim = codebook_dim if codebook_dim is not None else embed_dim
-        self.l2_norm = l2_norm
-        self.beta = beta
+        self.l2_norm = config.l2_norm
+        self.beta = config.beta
         self.ema = ema
         self.ema_decay = ema_decay
-        self.ema_eps = ema_eps
-        self.dead_code_steps = dead_code_steps
+        self.ema_eps = config.ema_eps
+        self.dead_code_steps = config.dead_code_steps
         self.usage_window = usage_window
 
         if codebook_dim is None:
@@ -122,6 +135,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("usage_counts", torch.zeros(usage_window, codebook_size, dtype=torch.int32))
         self.register_buffer("usage_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps_since_used", torch.zeros(codebook_size, dtype=torch.long))
+        # This optimizer step's counts and latest encoder outputs, until end_step() takes them.
+        self.register_buffer("step_counts", torch.zeros(codebook_size, dtype=torch.long), persistent=False)
+        self.recent_vectors: torch.Tensor | None = None
 
     def _codes(self) -> torch.Tensor:
         codes = self.codebook.float()
@@ -149,8 +165,8 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Snap encoder outputs [B, D, h, w] to their nearest codes (straight-through in training).
 
-        Returns z_q (same shape), the codebook + commitment loss, indices [B, h, w] and perplexity;
-        in training mode it also updates usage statistics, EMA codes and dead-code restarts.
+        Returns z_q (same shape), the codebook + commitment loss and indices [B, h, w]. In training
+        mode it updates EMA codes and adds this batch's code counts to the step's statistics.
         """
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_lookup = self._to_lookup_space(z)
@@ -165,24 +181,33 @@ class VectorQuantizer(nn.Module):
             z_st = quantized.detach() + (z_lookup - z_lookup.detach())
             z_q = self.project_out(z_st.permute(0, 3, 1, 2))
 
-            counts = torch.bincount(indices, minlength=self.codebook_size)
-            probs = counts.float() / counts.sum()
-            perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum())
             if self.training:
-                self._update(flat.detach(), indices, counts)
-        return QuantizerOutput(z_q, loss, indices.view(z_lookup.shape[:-1]), perplexity)
+                self._record(flat.detach(), indices)
+        return QuantizerOutput(z_q, loss, indices.view(z_lookup.shape[:-1]))
 
     @torch.no_grad()
-    def _update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
-        """Training-step bookkeeping: EMA codes, usage window, dead-code restart."""
-        counts = _all_reduce_sum(counts.clone())
+    def _record(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+        """Training-forward bookkeeping: EMA codes, and this batch's counts and vectors for :meth:`end_step`."""
+        counts = torch.bincount(indices, minlength=self.codebook_size)
         if self.ema:
-            self._ema_update(flat, indices, counts)
+            self._ema_update(flat, indices, _all_reduce_sum(counts.clone()))
+        self.step_counts += counts
+        self.recent_vectors = flat
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """Close one optimizer step: its code counts (summed over micro-batches and ranks) enter the
+        usage window, and codes unused for ``dead_code_steps`` steps are re-seeded from the latest
+        encoder outputs. Call it once per optimizer step, after the step's backward passes and before
+        ``optimizer.step()`` (restarted codes then take the update as they always did)."""
+        counts = _all_reduce_sum(self.step_counts.clone())
+        self.step_counts.zero_()
         self.usage_counts[int(self.usage_steps) % self.usage_window] = counts.to(self.usage_counts.dtype)
         self.usage_steps += 1
         self.steps_since_used.add_(1).masked_fill_(counts > 0, 0)
-        if self.dead_code_steps > 0:
-            self._restart_dead_codes(flat)
+        if self.dead_code_steps > 0 and self.recent_vectors is not None:
+            self._restart_dead_codes(self.recent_vectors)
+        self.recent_vectors = None
 
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
         """cluster_size and embed_sum follow EMAs of assignment counts and sums; codes = sum / smoothed size.
@@ -236,16 +261,16 @@ class VectorQuantizer(nn.Module):
             return self.project_out(quantized.permute(0, 3, 1, 2))
 
     def window_counts(self) -> torch.Tensor:
-        """Per-code hit counts summed over the last ``usage_window`` training steps."""
+        """Per-code hit counts summed over the last ``usage_window`` optimizer steps."""
         filled = min(int(self.usage_steps), self.usage_window)
         return self.usage_counts[:filled].sum(0, dtype=torch.long)
 
     def codebook_usage(self) -> float:
-        """Fraction of codes hit at least once over the last ``usage_window`` training steps."""
+        """Fraction of codes hit at least once over the last ``usage_window`` optimizer steps."""
         return usage_and_perplexity(self.window_counts())[0]
 
     def window_perplexity(self) -> float:
-        """``exp(entropy)`` of the code distribution over the last ``usage_window`` training steps."""
+        """``exp(entropy)`` of the code distribution over the last ``usage_window`` optimizer steps."""
         return usage_and_perplexity(self.window_counts())[1]
 
     def extra_repr(self) -> str:

@@ -20,12 +20,21 @@ from pathlib import Path
 import yaml
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dataloader import DatasetNotFoundError, build_dataset, num_classes_of
-from dataloader.folder import EXTENSIONS, FolderDataset, list_images
-from utils.config import ConfigError, DataConfig, Stage1Config, from_dict
+from utils.config import ConfigError, DataConfig, from_dict
+
+from .datasets import build_dataset, num_classes_of
+from .errors import DatasetNotFoundError
+from .folder import EXTENSIONS, FolderDataset, list_images
 
 OWN_TEST_SPLIT = "test"
 CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass
+class _DataSection:
+    """A config of the ``data`` section alone (what an input spec needs of a stage-1 or stage-2 config)."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
 
 @dataclass
@@ -47,7 +56,7 @@ class ImageSet:
 
 def data_config_of(config: dict) -> DataConfig:
     """The ``data`` section of a resolved config dict (stage 1 or stage 2, as stored in checkpoints)."""
-    return from_dict(Stage1Config, {"data": config.get("data") or {}}).data
+    return from_dict(_DataSection, {"data": config.get("data") or {}}).data
 
 
 def read_data_section(path: Path) -> DataConfig:

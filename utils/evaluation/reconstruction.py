@@ -1,8 +1,9 @@
 """How good a tokenizer or a prior is: reconstruction metrics over a dataset, and FID of generated images.
 
-Reconstructions are ``decode_indices(encode_to_indices(images))`` clamped to [-1, 1]: exactly what
-decoding the tokens a user exports gives back. Every metric is accumulated over all images seen, so
-the reported values describe the whole evaluated set, whatever the batch size.
+Reconstructions are :meth:`vqgan.model.VQGAN.reconstruct`'s: ``decode_indices(encode_to_indices(images))``
+clamped to [-1, 1], exactly what decoding the tokens a user exports gives back. Every metric is
+accumulated over all images seen, so the reported values describe the whole evaluated set, whatever
+the batch size.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.metrics import (
+from utils.evaluation.metrics import (
     SSIM_WINDOW,
     CodebookStats,
     FeatureNetwork,
@@ -31,8 +32,7 @@ def reconstruct_batches(vqgan: VQGAN, batches: Iterable, device: torch.device
                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per batch of (images, labels): (images, labels, indices [B, h, w], reconstructions), all on the CPU."""
     for images, labels in batches:
-        indices = vqgan.encode_to_indices(images.to(device))
-        reconstructions = vqgan.decode_indices(indices).clamp(-1, 1)
+        indices, reconstructions = vqgan.reconstruct(images.to(device))
         yield images, labels, indices.cpu(), reconstructions.float().cpu()
 
 
@@ -48,7 +48,7 @@ class FeatureSet:
     """Features of one image set for FID: running float64 statistics, plus the features themselves while
     there are fewer of them than dimensions.
 
-    For such small sets :func:`utils.metrics.fid_from_features` gives the same value as the
+    For such small sets :func:`utils.evaluation.metrics.fid_from_features` gives the same value as the
     statistics, without a D x D eigendecomposition (seconds for Inception's 2048 dimensions on a CPU).
     """
 
@@ -83,7 +83,7 @@ class ReconstructionMetrics:
     """PSNR, SSIM, codebook usage and perplexity, and optionally rFID and LPIPS over a whole dataset.
 
     PSNR, SSIM and LPIPS are means over images of the per-image values; usage and perplexity come
-    from the code histogram of all images (:class:`utils.metrics.CodebookStats`); rFID is the
+    from the code histogram of all images (:class:`utils.evaluation.metrics.CodebookStats`); rFID is the
     Frechet distance between Inception features of the originals and of the reconstructions.
     SSIM is left out (``None``) for images smaller than its 11x11 window.
     """
@@ -132,8 +132,6 @@ class ReconstructionMetrics:
         if self.lpips is not None:
             metrics["lpips"] = self.sums["lpips"] / self.count
         return metrics
-
-
 
 
 def generation_fid(samples: FeatureSet, reference_batches: Iterable, network: FeatureNetwork,

@@ -3,18 +3,19 @@
 Images are float tensors [N, C, H, W] in ``value_range`` ((-1, 1) by default, the range the models
 work in). PSNR and SSIM map them to [0, 1] (clamping values outside the range, as saving an image
 would), compute in float64 with data range 1 and return float32 tensors. FID takes features from
-any network that maps such a batch to [N, D] features; :func:`utils.inception.load_inception`
+any network that maps such a batch to [N, D] features; :func:`utils.evaluation.inception.load_inception`
 gives the standard one.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterable, Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from vqgan.quantizer import usage_and_perplexity
 
 Reduction = Literal["mean", "none"]
 FeatureNetwork = Callable[[torch.Tensor], torch.Tensor]
@@ -119,14 +120,13 @@ class CodebookStats:
 
     @property
     def usage(self) -> float:
-        return float((self.counts > 0).double().mean())
+        return usage_and_perplexity(self.counts)[0]
 
     @property
     def perplexity(self) -> float:
         if self.total == 0:
             raise ValueError("perplexity is undefined before any indices were added")
-        probs = self.counts[self.counts > 0].double() / self.total
-        return math.exp(float(-(probs * probs.log()).sum()))
+        return usage_and_perplexity(self.counts)[1]
 
 
 def _as_float64(array: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -240,34 +240,3 @@ def fid_from_features(features_a: torch.Tensor | np.ndarray, features_b: torch.T
     trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
     diff = mean_a - mean_b
     return max(float(diff @ diff + np.sum(a * a) + np.sum(b * b) - 2 * trace_sqrt), 0.0)
-
-
-def feature_stats(batches: Iterable, network: FeatureNetwork, batch_size: int = 50) -> FeatureStats:
-    """Feature statistics of all images in ``batches``.
-
-    ``batches`` yields image tensors [B, C, H, W] in [-1, 1], or tuples/lists whose first element is
-    one (as a DataLoader over (image, label) pairs does). Each batch is fed to ``network`` in chunks
-    of at most ``batch_size`` images.
-    """
-    stats: FeatureStats | None = None
-    for batch in batches:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        for chunk in images.split(batch_size):
-            features = network(chunk)
-            if stats is None:
-                stats = FeatureStats(features.shape[-1])
-            stats.update(features)
-    if stats is None:
-        raise ValueError("no images were given")
-    return stats
-
-
-def compute_fid(
-    images_a: Iterable,
-    images_b: Iterable,
-    network: FeatureNetwork,
-    batch_size: int = 50,
-) -> float:
-    """FID between two image collections (see :func:`feature_stats` for what they may yield)."""
-    stats_a = feature_stats(images_a, network, batch_size)
-    return fid_from_stats(stats_a, feature_stats(images_b, network, batch_size))

@@ -1,1 +1,0 @@
-"""Glue shared by the scripts: building models, loading checkpoints, tokenising, evaluating, pictures."""

@@ -1,0 +1,56 @@
+"""Tokenise a dataset once with a frozen VQGAN and cache the code indices on disk.
+
+Stage 2 trains on these cached indices instead of running the encoder every step. A cache file is
+named by a hash of what its tokens depend on: the stage-1 checkpoint's bytes and the data settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from utils.checkpoint import save_checkpoint
+
+TOKENIZE_BATCH = 256
+
+
+def cache_key(checkpoint: str | Path, settings: dict[str, Any]) -> str:
+    """Hash of the stage-1 checkpoint's bytes and of ``settings`` (plain values that change the images)."""
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def tokenize_dataset(vqgan: Any, make_dataset: Callable[[], tuple[Dataset, int]], path: str | Path,
+                     device: torch.device, num_workers: int = 0) -> dict:
+    """{"indices": int32 [N, h*w], "labels": long [N], "num_classes": int}, read from ``path`` when it holds
+    them; otherwise computed from the (dataset, number of classes) that ``make_dataset`` builds, and
+    written there."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            warnings.warn(f"token cache {path} is unreadable ({str(err).splitlines()[0]}); tokenising again.",
+                          stacklevel=2)
+    dataset, num_classes = make_dataset()
+    loader = DataLoader(dataset, batch_size=TOKENIZE_BATCH, shuffle=False, num_workers=num_workers)
+    all_indices, all_labels = [], []
+    for images, labels in tqdm(loader, desc="tokenising", dynamic_ncols=True):
+        all_indices.append(vqgan.encode_to_indices(images.to(device)).flatten(1).to(torch.int32).cpu())
+        all_labels.append(labels.long())
+    tokens = {"indices": torch.cat(all_indices), "labels": torch.cat(all_labels), "num_classes": num_classes}
+    save_checkpoint(tokens, path)
+    return tokens

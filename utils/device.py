@@ -1,0 +1,67 @@
+"""Where and in what precision a run computes: device choice, backend flags, autocast dtype, and what
+the run reports about its machine (environment line, peak memory)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import warnings
+
+import torch
+
+from utils.config import ConfigError
+from utils.distributed import DistInfo
+
+
+def resolve_device(spec: str, info: DistInfo) -> torch.device:
+    """``auto`` -> CUDA if available else CPU; under torchrun each rank takes its local GPU."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={spec} but CUDA is not available. Use train.device=cpu or auto.")
+        if device.index is None:
+            device = torch.device("cuda", info.local_rank)
+    return device
+
+
+def device_type_of(spec: str) -> str:
+    """``cuda`` or ``cpu``: the kind of device ``train.device`` asks for, known before any process starts."""
+    return "cuda" if spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def configure_backends(device: torch.device) -> None:
+    """TF32 matmuls/convs and cuDNN autotuning on CUDA; nothing to do on CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere it is emulated and slow."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 under ``auto`` on CUDA, on CPU only when asked; None means full fp32."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("train.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and "
+                      "several times slower than fp32: set train.precision=fp32", stacklevel=2)
+    return torch.bfloat16
+
+
+def describe_environment(device: torch.device, info: DistInfo) -> str:
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({threads} threads)"
+    return f"{device} [{where}], {info.world_size} process(es), pid {os.getpid()}"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: max allocated on CUDA, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,99 @@
+"""Small helpers of the training scripts' step loop: stop signals, non-finite step tracking, cadence,
+and the closing line."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from utils.device import peak_memory_mb
+from utils.distributed import DistInfo
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (too many non-finite steps)."""
+
+
+def is_due(step: int, every: int) -> bool:
+    """Whether something done every ``every`` steps (0 = never) happens after ``step`` steps."""
+    return every > 0 and step % every == 0
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so it can save before exiting."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:  # a second Ctrl-C exits at once
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, info: DistInfo, device: torch.device) -> bool:
+        """True on every rank as soon as any rank got a signal."""
+        flag = self.signal_name is not None
+        if info.enabled:
+            tensor = torch.tensor([float(flag)], device=device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flag = bool(tensor.item())
+        return flag
+
+    def exit(self, info: DistInfo, checkpoint: Path, step: int) -> NoReturn:
+        """Say where the run was saved and exit with 130 (SIGINT) or 143 (SIGTERM)."""
+        name = self.signal_name or "a stop signal in another process"
+        if info.is_main:
+            tqdm.write(f"Received {name}: saved {checkpoint} at step {step}. Continue with --resume.")
+        raise SystemExit(130 if name == "SIGINT" else 143)
+
+
+@dataclass
+class BadStepTracker:
+    """Counts non-finite steps (in a row and in all) and stops training after ``max_bad`` in a row."""
+
+    max_bad: int
+    last_checkpoint: Path
+    consecutive: int = 0
+    total: int = 0
+
+    def record(self, step: int, cause: str | None) -> str | None:
+        """Note whether ``step`` (1-based) was good (``cause`` None) or skipped because ``cause`` was
+        non-finite; returns the line to print for a skipped step, raises :class:`TrainingStopped`
+        after ``max_bad`` skipped steps in a row."""
+        if cause is None:
+            self.consecutive = 0
+            return None
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive >= self.max_bad:
+            first = step + 1 - self.consecutive
+            raise TrainingStopped(
+                f"{self.consecutive} consecutive steps ({first}-{step}) had a non-finite {cause}, so training "
+                f"stopped. The last good checkpoint is {self.last_checkpoint}. Lower train.lr, raise "
+                f"train.warmup_steps or train.max_bad_steps, use train.precision=fp32 or check the data, then "
+                f"continue with --resume.")
+        return (f"step {step}: non-finite {cause}, update skipped ({self.consecutive} in a row; training stops "
+                f"at {self.max_bad})")
+
+
+def finish_message(steps: int, seconds: float, device: torch.device, checkpoint: Path) -> str:
+    """The line a training script prints at the end: speed, peak memory, where the checkpoint is."""
+    per_step = seconds / max(steps, 1)
+    return (f"done: {steps} steps in {seconds / 60:.1f} min ({per_step:.3f} s/step), peak memory "
+            f"{peak_memory_mb(device):.0f} MB. Checkpoint {checkpoint}")
