@@ -16,6 +16,7 @@ import torch
 
 from dataloader import DataError, build_dataset, build_loader, infinite_batches
 from pipeline.builders import build_models
+from pipeline.init_from import init_from_checkpoint
 from utils.checkpoint import (
     load_state_dict_checked,
     save_checkpoint,
@@ -99,6 +100,8 @@ def train(cfg: Stage1Config, run_dir: Path, args: argparse.Namespace, info: Dist
     train_set = build_dataset(cfg.data, "train")
     eval_set = build_dataset(cfg.data, "test")
     model, disc, loss_fn = build_models(cfg)
+    if cfg.train.init_from and resume_state is None:  # a new run from trained weights; --resume ignores it
+        init_from_checkpoint(cfg.train.init_from, model, disc, cfg, verbose=info.is_main)
     set_seed(cfg.train.seed + info.rank)
     start_step = 0
     ema = None

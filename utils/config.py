@@ -117,6 +117,10 @@ class TrainConfig:
     ckpt_every: int = _opt(1000, "steps between periodic checkpoints (last.pt is refreshed too)")
     num_sample_images: int = _opt(8, "images in each sample grid")
     max_bad_steps: int = _opt(20, "stop after this many consecutive non-finite steps")
+    init_from: Optional[str] = _opt(
+        None, "stage 1 only: start a new run from the weights of this stage-1 checkpoint (autoencoder and "
+              "discriminator, e.g. one made by generate.py import-taming); optimizers, step and RNG start fresh, and "
+              "the model and disc sections must match its shapes (else an error lists the differences)")
 
 
 @dataclass
@@ -198,6 +202,8 @@ class Stage2Config:
                f"transformer.n_embd={t.n_embd} must be divisible by transformer.n_head={t.n_head}.")
         _check(0 <= t.pkeep <= 1, f"transformer.pkeep must be in [0, 1], got {t.pkeep}.")
         _check(0 <= t.class_dropout < 1, f"transformer.class_dropout must be in [0, 1), got {t.class_dropout}.")
+        _check(self.train.init_from is None, "train.init_from is for stage 1 (train_vqgan.py); stage 2 takes its "
+                                             "VQGAN from --vqgan. Remove train.init_from from this config.")
         return []
 
 
