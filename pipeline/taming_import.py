@@ -65,8 +65,8 @@ def import_taming(checkpoint: str | Path, out: str | Path, resolution: int | Non
     checkpoint, out = Path(checkpoint), Path(out)
     taming_model = read_taming_config(config) if config is not None else None
     if resolution is None:
-        dd = (taming_model["params"].get("ddconfig") or {}) if taming_model else {}
-        resolution = int(dd.get("resolution", DEFAULT_RESOLUTION))
+        dd = taming_model["params"].get("ddconfig") if taming_model else None
+        resolution = int(dd.get("resolution", DEFAULT_RESOLUTION)) if isinstance(dd, dict) else DEFAULT_RESOLUTION
     weights, info = read_taming_checkpoint(checkpoint)
     try:
         conversion = convert_taming_state_dict(weights, resolution, taming_model)

@@ -4,16 +4,12 @@ A pure function of a state dict (no files): :func:`convert_taming_state_dict` in
 from tensor names and shapes, renames every tensor, and checks the result key by key against the
 modules it describes. The networks compute the same functions as taming's; only names differ:
 
-=====================================  =====================================
-taming-transformers                    here
-=====================================  =====================================
-``encoder.mid.block_1 / attn_1 / block_2``  ``encoder.mid.0 / 1 / 2`` (same in the decoder)
-``decoder.up.{level}`` (0 = finest)    ``decoder.up.{L-1-level}`` (0 = coarsest, the order they run)
-``quantize.embedding.weight``          ``quantizer.codebook``
-``loss.discriminator.*``               the :class:`~vqgan.discriminator.Discriminator` (same names)
-``loss.perceptual_loss.net.sliceK.N.*``  ``features.N.*`` of a torchvision VGG16 state dict
-``loss.perceptual_loss.linI.*``        ``linI.*`` of the LPIPS ``vgg.pth`` heads file
-=====================================  =====================================
+* ``encoder.mid.block_1 / attn_1 / block_2`` -> ``encoder.mid.0 / 1 / 2`` (the same in the decoder);
+* ``decoder.up.{level}``, stored finest level first -> ``decoder.up.{L-1-level}``, in the order they run;
+* ``quantize.embedding.weight`` -> ``quantizer.codebook``;
+* ``loss.discriminator.*`` -> the :class:`~vqgan.discriminator.Discriminator`, names unchanged;
+* ``loss.perceptual_loss.net.sliceK.N.*`` -> ``features.N.*`` of a torchvision VGG16 state dict;
+* ``loss.perceptual_loss.linI.*`` -> ``linI.*`` of an LPIPS ``vgg.pth`` heads file.
 
 Taming's quantizer picks the nearest code by squared L2 distance, as ours does, so indices and
 quantized latents agree at inference. Its training loss puts ``beta`` on the codebook term
@@ -33,7 +29,7 @@ from vqgan.discriminator import Discriminator
 from vqgan.lpips import TAP_CHANNELS, TAP_ENDS
 from vqgan.model import VQGAN
 
-# What taming's VQModel hard-codes (quantizer beta) and its ddconfig keys that must hold for a match.
+# The commitment weight taming's VQModel hard-codes into its quantizer.
 TAMING_BETA = 0.25
 MODEL_PARTS = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 DISC_PREFIX = "loss.discriminator."
