@@ -7,6 +7,7 @@
     python generate.py tokens --checkpoint STAGE1.pt --input test|CONFIG|FOLDER --out FILE.npy
     python generate.py tokens --decode --checkpoint STAGE1.pt --input FILE.npy --out DIR
     python generate.py visualize --checkpoint STAGE1_OR_STAGE2.pt --out DIR [--run-dir runs/NAME]
+    python generate.py import-taming --checkpoint last.ckpt --out STAGE1.pt [--resolution 256] [--config model.yaml]
 
 Image inputs (``--input``, ``--fid-ref``): ``test`` is the test split of the data the checkpoint
 was trained on; a YAML config means the test split of its ``data`` section; a folder means every
@@ -49,6 +50,7 @@ from utils.pictures import (
     training_curves_picture,
 )
 from utils.script import clean_exit
+from utils.taming_files import import_taming
 from vqgan import LPIPS, VQGAN, LPIPSWeightsError, LPIPSWeightsMismatchError
 
 GRID_IMAGES = 64
@@ -300,6 +302,11 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(path) for path in written))
 
 
+def cmd_import_taming(args: argparse.Namespace) -> None:
+    _, lines = import_taming(args.checkpoint, args.out, args.resolution, args.config, args.force)
+    print("\n".join(lines))
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -401,6 +408,22 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--per-class", type=positive_int, default=8, help="samples per class row (stage 2)")
     visualize.add_argument("--seed", type=int, default=0, help="random seed of the samples")
     visualize.set_defaults(run=cmd_visualize)
+
+    taming = commands.add_parser("import-taming", help="convert a taming-transformers VQGAN checkpoint (.ckpt) "
+                                                       "into a stage-1 checkpoint of this repository")
+    taming.add_argument("--checkpoint", required=True,
+                        help="taming checkpoint, e.g. last.ckpt of vqgan_imagenet_f16_16384 (read without running "
+                             "pickled code; Lightning is not needed)")
+    taming.add_argument("--out", required=True, help="stage-1 checkpoint to write; the LPIPS weights stored in the "
+                                                     "taming file go beside it (OUT.lpips_vgg.pth, "
+                                                     "OUT.lpips_heads.pth)")
+    taming.add_argument("--resolution", type=positive_int, default=None,
+                        help="image size the model is used at (default: the --config's, else 256)")
+    taming.add_argument("--config", default=None,
+                        help="taming's model.yaml for this checkpoint, to cross-check the architecture read from "
+                             "the weights (optional)")
+    taming.add_argument("--force", action="store_true", help="overwrite existing output files")
+    taming.set_defaults(run=cmd_import_taming)
     return parser
 
 

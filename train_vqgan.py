@@ -17,8 +17,15 @@ from pathlib import Path
 import torch
 
 from dataloader import DataError, build_dataset, build_loader, infinite_batches
-from utils.checkpoint import load_state_dict_checked, save_checkpoint, set_rng_state, training_checkpoint
-from utils.config import save_config, to_dict
+from utils.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_state_dict_checked,
+    save_checkpoint,
+    set_rng_state,
+    training_checkpoint,
+)
+from utils.config import config_diff, save_config, to_dict
 from utils.device import autocast_dtype, configure_backends, describe_environment, resolve_device
 from utils.distributed import DistInfo, wrap_ddp
 from utils.logging import TrainingLog
@@ -56,6 +63,8 @@ def train(cfg: Stage1Config, run_dir: Path, args: argparse.Namespace, info: Dist
     set_seed(cfg.train.seed)  # the same initial weights and codebook on every rank
     train_set, eval_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     model, disc, loss_fn = build_stage1(cfg)
+    if cfg.train.init_from and resume_state is None:  # a new run from trained weights; --resume ignores it
+        init_from_checkpoint(cfg.train.init_from, model, disc, cfg, verbose=info.is_main)
     set_seed(cfg.train.seed + info.rank)
     channels_last = cfg.train.channels_last and device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -125,6 +134,50 @@ def train(cfg: Stage1Config, run_dir: Path, args: argparse.Namespace, info: Dist
                 checkpoint(step + 1, now=True)
                 stop.exit(info, last_checkpoint, step + 1)
     log.finish(device, last_checkpoint)
+
+
+# Config values that decide which weights exist and their shapes.
+SHAPE_KEYS = {
+    "data": ("channels",),
+    "model": ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "codebook_size", "embed_dim",
+              "codebook_dim", "ema", "usage_window"),
+    "disc": ("ndf", "n_layers", "norm"),
+}
+
+
+def init_from_checkpoint(path: str, model: VQGAN, disc: Discriminator, cfg: Stage1Config,
+                         verbose: bool = True) -> str:
+    """Load the autoencoder (EMA weights when the run kept them) and discriminator weights of ``path``.
+
+    Optimizers, step and RNG are not taken: the caller starts a new run. A checkpoint without a
+    discriminator leaves ``disc`` as built. Raises :class:`CheckpointError` when the shapes do not
+    fit ``cfg``, listing the config values that differ. Returns (and with ``verbose`` prints) a line
+    describing what was loaded.
+    """
+    state = load_checkpoint(path, kind="vqgan")
+    source = f"train.init_from={path}"
+    try:
+        load_state_dict_checked(model, state.get("ema") or state["model"], source)
+        if state.get("disc") is not None:
+            load_state_dict_checked(disc, state["disc"], f"{source} (discriminator)")
+    except CheckpointError as err:
+        differences = config_diff(_shape_values(state.get("config") or {}), _shape_values(to_dict(cfg)))
+        hint = ("\nConfig values that differ (checkpoint -> this config): " + "; ".join(differences)
+                if differences else "")
+        raise CheckpointError(f"{err}{hint}\nFor train.init_from the config's model and disc sections must "
+                              f"describe the checkpoint's networks (for taming's ImageNet VQGANs: "
+                              f"configs/imagenet_f16_1024.yaml or configs/imagenet_f16_16384.yaml).") from err
+    disc_note = "discriminator too" if state.get("disc") is not None else "no discriminator in it: a new one"
+    line = f"initialised from {path} (step {state.get('step', 0)}; {disc_note}); optimizers start fresh"
+    if verbose:
+        print(line)
+    return line
+
+
+def _shape_values(config: dict) -> dict[str, dict]:
+    """The values of ``SHAPE_KEYS`` in a config dict, by section."""
+    return {section: {key: (config.get(section) or {}).get(key) for key in keys}
+            for section, keys in SHAPE_KEYS.items()}
 
 
 def restore(state: dict, run_dir: Path, model: VQGAN, disc: Discriminator, loss_fn: VQGANLoss,

@@ -17,6 +17,10 @@ class Stage1TrainConfig(TrainConfig):
 
     disc_lr: Optional[float] = opt(None, "discriminator learning rate (default: lr)")
     channels_last: bool = opt(True, "channels_last memory format on CUDA")
+    init_from: Optional[str] = opt(
+        None, "start a new run from the weights of this stage-1 checkpoint (autoencoder and discriminator, e.g. "
+              "one made by generate.py import-taming); optimizers, step and RNG start fresh, and the model and "
+              "disc sections must match its shapes (else an error lists the differences)")
 
 
 @dataclass
