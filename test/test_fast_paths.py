@@ -18,7 +18,8 @@ from benchmarks import run as bench_run
 from benchmarks.reference import reference_generator_backward
 from benchmarks.runtime import reference
 from benchmarks.stage1 import build_setup, straightforward_step, training_step
-from transformer import GPT, sample_tokens
+from benchmarks.taming_compare import top_k_top_p_filtering
+from transformer import GPT, filter_logits, sample_tokens
 from utils.config import load_config
 from vqgan.config import Stage1Config
 
@@ -117,13 +118,15 @@ def test_kv_cache_sampling_equals_recompute_with_guidance_and_filters(positions:
     assert torch.equal(cached, recomputed)
 
 
-def test_benchmark_script_writes_the_expected_json(tmp_path, capsys) -> None:
+def test_benchmark_script_writes_the_expected_json(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(bench_run, "reference_available", lambda: False)
     threads = torch.get_num_threads()
     try:
         report = bench_run.main(["--device", "cpu", "--tiny", "--threads", "1", "--out", str(tmp_path / "r.json")])
     finally:
         torch.set_num_threads(threads)
-    assert "speed-up" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "speed-up" in captured.out and "taming-transformers skipped" in captured.err
     written = json.loads((tmp_path / "r.json").read_text())
     assert written == json.loads(json.dumps(report))
     assert set(written) == {"meta", "results", "targets"}
@@ -142,3 +145,25 @@ def test_benchmark_script_writes_the_expected_json(tmp_path, capsys) -> None:
     assert set(sampling["variants"]) == {"KV cache", "recompute"} and sampling["same_tokens"] is True
     assert [t["need"] for t in written["targets"]] == [1.25, 10.0]
     assert not any(t["at_target_size"] for t in written["targets"])
+
+
+def test_reference_stand_in_filters_like_filter_logits() -> None:
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(4))
+    for top_k, top_p in ((5, 1.0), (50, 0.8), (10, 0.6), (1, 1.0)):
+        expected = filter_logits(logits, top_k=top_k, top_p=top_p if top_p < 1 else None).isfinite()
+        assert torch.equal(top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p).isfinite(), expected)
+
+
+def test_side_by_side_with_the_reference_runs(tmp_path, capsys) -> None:
+    pytest.importorskip("taming", reason="the reference implementation is not installed")
+    threads = torch.get_num_threads()
+    try:
+        report = bench_run.main(["--device", "cpu", "--tiny", "--threads", "1", "--out", str(tmp_path / "r.json")])
+    finally:
+        torch.set_num_threads(threads)
+    results = {r["key"]: r for r in report["results"] if r["key"].startswith("vs_taming/")}
+    assert {key.split("/")[1] for key in results} == {"stage1", "sampling", "stage2_train"}
+    for result in results.values():
+        assert set(result["variants"]) == {"this repository", "taming"} and result["speedup"] > 0
+    assert report["meta"]["vs_taming"]["sampling_ceiling_tok_per_s"] > 0
+    assert sum("over taming" in t["name"] for t in report["targets"]) == 4

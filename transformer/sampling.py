@@ -53,6 +53,22 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One token [B, 1] per row of next-token ``logits`` [B, V], drawn from the filtered softmax.
+
+    With top-k the draw runs over the ``k`` candidates only (the same distribution as filtering all
+    ``V`` logits, without a softmax, mask and multinomial over the whole vocabulary every step).
+    """
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        values, candidates = logits.topk(top_k, dim=-1)
+        if top_p is not None:
+            values = filter_logits(values, top_p=top_p)
+        return candidates.gather(-1, _draw(values.softmax(dim=-1), generator))
+    return _draw(filter_logits(logits, top_p=top_p).softmax(dim=-1), generator)
+
+
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of ``probs`` [B, V]; drawn on the generator's device when it has one."""
     if generator is None or generator.device == probs.device:
@@ -75,6 +91,10 @@ def sample_tokens(gpt: GPT, prefix: torch.Tensor, num_tokens: int, *, temperatur
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be at least 1, got {num_tokens}.")
     guided = cfg_scale != 1.0
@@ -105,8 +125,7 @@ def _decode(gpt: GPT, prefix: torch.Tensor, num_tokens: int, temperature: float,
         if cfg_scale is not None:
             cond, uncond = step.chunk(2)
             step = uncond + cfg_scale * (cond - uncond)
-        step = filter_logits(step / temperature, top_k, top_p)
-        token = _draw(step.softmax(dim=-1), generator)
+        token = next_tokens(step, temperature, top_k, top_p, generator)
         out[:, i:i + 1] = token
         if i + 1 == num_tokens:
             break

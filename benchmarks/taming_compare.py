@@ -1,0 +1,272 @@
+"""Side by side with the official implementation: taming-transformers against this repository.
+
+Runs only where the reference package is installed (it is never a requirement of this repository):
+
+    pip install --no-deps taming-transformers-rom1504 einops requests
+
+Both sides get the same architectures, the same batches and the same settings, and are timed
+alternately in one process (:func:`benchmarks.timing.time_alternating`):
+
+* the stage-1 training step as taming's Lightning module takes it: two optimizer passes, each with
+  its own autoencoder forward, the adaptive GAN weight from two ``autograd.grad`` calls, against
+  :func:`vqgan.training.stage1_step`; for the ``fashion_mnist_small`` architecture (32x32, batch 32)
+  and the f16 model at 64x64 (batch 8), with the GAN on;
+* ``mingpt.sample_with_past`` against :func:`transformer.sample_tokens` (KV cache), GPT 8 x 256, 8
+  heads, 512 codes, batch 16, 64 tokens, top-k 100;
+* the GPT training step (forward, cross-entropy, backward, AdamW) against
+  :func:`transformer.training.stage2_step`, same GPT, batch 16 x 64 tokens.
+
+Two stand-ins make the reference importable offline. Its ``mingpt`` imports
+``top_k_top_p_filtering`` from ``transformers`` (a large package whose recent releases no longer have
+it): :func:`top_k_top_p_filtering` below does what that function did and is called, and timed, by
+``sample_with_past`` with top-k. Its LPIPS downloads VGG16 weights when built: here it is built on
+an untrained VGG16 and never called, because these stage-1 cases train without the perceptual loss
+on both sides.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.report import record
+from benchmarks.stage2 import GPTCase, training_settings
+from benchmarks.timing import time_alternating
+from transformer import sample_tokens
+from transformer.training import stage2_step
+from utils.config import load_config
+from utils.device import autocast_dtype
+from utils.training import make_adam
+from vqgan.config import Stage1Config, build_stage1
+from vqgan.training import stage1_step
+
+REFERENCE_PACKAGE = "taming"
+INSTALL_HINT = "pip install --no-deps taming-transformers-rom1504 einops requests"
+
+
+def reference_available() -> bool:
+    return importlib.util.find_spec(REFERENCE_PACKAGE) is not None
+
+
+def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                          filter_value: float = -float("inf"), min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """What ``transformers.top_k_top_p_filtering`` did: mask logits below the k-th largest, then outside
+    the nucleus of mass ``top_p`` (keeping at least ``min_tokens_to_keep``)."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(max(top_k, min_tokens_to_keep), logits.size(-1)))[0][..., -1, None]
+        logits = logits.masked_fill(logits < kth, filter_value)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., :min_tokens_to_keep] = False
+        logits = logits.masked_fill(remove.scatter(1, order, remove), filter_value)
+    return logits
+
+
+def import_reference() -> types.SimpleNamespace:
+    """The reference modules, with the stand-ins described in the module docstring."""
+    if "transformers" not in sys.modules:
+        sys.modules["transformers"] = types.SimpleNamespace(top_k_top_p_filtering=top_k_top_p_filtering)
+    import taming.modules.losses.lpips as lpips
+    import taming.modules.losses.vqperceptual as vqperceptual
+    import taming.modules.transformer.mingpt as mingpt
+    from taming.modules.diffusionmodules.model import Decoder, Encoder
+    from taming.modules.vqvae.quantize import VectorQuantizer2
+
+    vgg16 = lpips.models.vgg16
+    lpips.models.vgg16 = lambda pretrained=False, **kwargs: vgg16(weights=None)
+    lpips.LPIPS.load_from_pretrained = lambda self, name="vgg_lpips": None
+    return types.SimpleNamespace(Encoder=Encoder, Decoder=Decoder, VectorQuantizer=VectorQuantizer2,
+                                 Loss=vqperceptual.VQLPIPSWithDiscriminator, mingpt=mingpt)
+
+
+class TamingVQModel(nn.Module):
+    """Taming's ``VQModel`` (encoder, quant_conv, quantize, post_quant_conv, decoder, loss) from its modules;
+    the class itself imports Lightning."""
+
+    def __init__(self, ref: types.SimpleNamespace, cfg: Stage1Config) -> None:
+        super().__init__()
+        m = cfg.model
+        ddconfig = dict(double_z=False, z_channels=m.z_channels, resolution=cfg.data.image_size,
+                        in_channels=cfg.data.channels, out_ch=cfg.data.channels, ch=m.ch, ch_mult=list(m.ch_mult),
+                        num_res_blocks=m.num_res_blocks, attn_resolutions=list(m.attn_resolutions), dropout=m.dropout)
+        self.encoder, self.decoder = ref.Encoder(**ddconfig), ref.Decoder(**ddconfig)
+        self.quantize = ref.VectorQuantizer(m.codebook_size, m.embed_dim, beta=m.beta)
+        self.quant_conv = nn.Conv2d(m.z_channels, m.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(m.embed_dim, m.z_channels, 1)
+        self.loss = ref.Loss(disc_start=cfg.loss.disc_start, codebook_weight=cfg.loss.codebook_weight,
+                             pixelloss_weight=cfg.loss.rec_weight, disc_num_layers=cfg.disc.n_layers,
+                             disc_in_channels=cfg.data.channels, disc_weight=cfg.loss.disc_weight,
+                             perceptual_weight=cfg.loss.perceptual_weight, disc_ndf=cfg.disc.ndf,
+                             disc_loss=cfg.loss.disc_loss)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        quant, codebook_loss, _ = self.quantize(self.quant_conv(self.encoder(x)))
+        return self.decoder(self.post_quant_conv(quant)), codebook_loss
+
+
+def taming_stage1_step(model: TamingVQModel, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+                       images: torch.Tensor, step: int) -> None:
+    """One step as Lightning runs taming's ``training_step``: per optimizer, zero, forward, loss, backward, step."""
+    last_layer = model.decoder.conv_out.weight
+    for optimizer_idx, optimizer in enumerate(optimizers):
+        optimizer.zero_grad(set_to_none=True)
+        reconstructions, codebook_loss = model(images)
+        loss, _ = model.loss(codebook_loss, images, reconstructions, optimizer_idx, step, last_layer=last_layer,
+                             split="train")
+        loss.backward()
+        optimizer.step()
+
+
+@dataclass(frozen=True)
+class Stage1Comparison:
+    name: str
+    config: str
+    overrides: tuple[str, ...]
+    batch: int
+
+
+def compare_stage1(ref: types.SimpleNamespace, case: Stage1Comparison, device: torch.device, precision: str, *,
+                   reps: int, warmup: int) -> dict[str, Any]:
+    """Images/s of the two stage-1 steps; ours at ``precision`` (taming has no mixed precision)."""
+    cfg = load_config(Stage1Config, case.config, [*case.overrides, "loss.perceptual_weight=0.0",
+                                                  "loss.disc_start=0", "loss.disc_warmup_steps=0"])
+    torch.manual_seed(0)
+    model, disc, loss_fn = build_stage1(cfg)
+    for module in (model, disc, loss_fn):
+        module.to(device).train()
+    betas, lr = cfg.train.betas, cfg.train.lr
+    opt_ae, opt_disc = (make_adam(m.parameters(), lr, betas, 0.0, device) for m in (model, disc))
+    taming = TamingVQModel(ref, cfg).to(device).train()
+    ae_params = [p for name, p in taming.named_parameters() if not name.startswith("loss.")]
+    taming_opts = (torch.optim.Adam(ae_params, lr=lr, betas=betas),
+                   torch.optim.Adam(taming.loss.discriminator.parameters(), lr=lr, betas=betas))
+    size, channels = cfg.data.image_size, cfg.data.channels
+    images = (torch.rand(case.batch, channels, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    images = images.to(device)
+    amp_dtype = autocast_dtype(device, precision)
+    variants: dict[str, Callable[[], object]] = {
+        "this repository": lambda: stage1_step(model, disc, loss_fn, opt_ae, opt_disc, [images], 0,
+                                               grad_clip=cfg.train.grad_clip, amp_dtype=amp_dtype),
+        "taming": lambda: taming_stage1_step(taming, taming_opts, images, 0),
+    }
+    timings = time_alternating(variants, device, reps=reps, warmup=warmup)
+    label = "fp32" if amp_dtype is None else "bf16 autocast (ours)"
+    return record(f"vs_taming/stage1/{case.name}/{precision}",
+                  f"stage-1 step {case.name} {size}px b{case.batch}, GAN on, {label}", "img/s", case.batch, timings,
+                  extra={"precision": label, "target": f"stage1/{case.name}/{precision}"})
+
+
+def _taming_gpt(ref: types.SimpleNamespace, case: GPTCase, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return ref.mingpt.GPT(case.codebook_size + 1, max(case.seq_len, case.sample_tokens) + 1, n_layer=case.n_layer,
+                          n_head=case.n_head, n_embd=case.n_embd).to(device)
+
+
+def compare_sampling(ref: types.SimpleNamespace, case: GPTCase, device: torch.device, top_k: int, *, reps: int,
+                     warmup: int) -> dict[str, Any]:
+    """Tokens/s of ``sample_with_past`` against :func:`sample_tokens`, same GPT size, batch and top-k."""
+    ours, theirs = case.build(device).eval(), _taming_gpt(ref, case, device).eval()
+    prefix = torch.full((case.sample_batch, 1), case.codebook_size, dtype=torch.long, device=device)
+
+    def sample_ours() -> torch.Tensor:
+        return sample_tokens(ours, prefix, case.sample_tokens, top_k=top_k,
+                             generator=torch.Generator(device).manual_seed(0))
+
+    @torch.no_grad()
+    def sample_theirs() -> torch.Tensor:
+        return ref.mingpt.sample_with_past(prefix, theirs, case.sample_tokens, top_k=top_k)
+
+    timings = time_alternating({"this repository": sample_ours, "taming": sample_theirs}, device, reps=reps,
+                               warmup=warmup)
+    return record(f"vs_taming/sampling/{case.name}",
+                  f"sampling GPT {case.name} {case.sample_tokens} tok b{case.sample_batch} top-k {top_k}", "tok/s",
+                  case.sample_batch * case.sample_tokens, timings, extra={"target": "sampling"})
+
+
+def compare_gpt_training(ref: types.SimpleNamespace, case: GPTCase, device: torch.device, precision: str, *,
+                         reps: int, warmup: int) -> dict[str, Any]:
+    """Tokens/s of a GPT training step: taming's mingpt with AdamW against :func:`stage2_step`."""
+    train = training_settings()
+    prior = case.build_prior(device).train()
+    optimizer = make_adam(prior.param_groups(train.weight_decay), train.lr, train.betas, 0.0, device)
+    theirs = _taming_gpt(ref, case, device).train()
+    their_optimizer = torch.optim.AdamW(theirs.parameters(), lr=train.lr, betas=train.betas,
+                                        weight_decay=train.weight_decay)
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randint(case.codebook_size, (case.train_batch, case.seq_len), generator=generator).to(device)
+    inputs = torch.cat([torch.full_like(indices[:, :1], case.codebook_size), indices[:, :-1]], dim=1)
+    amp_dtype = autocast_dtype(device, precision)
+
+    def step_theirs() -> None:
+        their_optimizer.zero_grad(set_to_none=True)
+        _, loss = theirs(inputs, targets=indices)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), train.grad_clip)
+        their_optimizer.step()
+
+    variants = {"this repository": lambda: stage2_step(prior, optimizer, [(indices, None)], grad_clip=train.grad_clip,
+                                                       amp_dtype=amp_dtype),
+                "taming": step_theirs}
+    timings = time_alternating(variants, device, reps=reps, warmup=warmup)
+    label = "fp32" if amp_dtype is None else "bf16 autocast (ours)"
+    return record(f"vs_taming/stage2_train/{case.name}/{precision}",
+                  f"GPT training step {case.name} b{case.train_batch} x {case.seq_len} tok, {label}", "tok/s",
+                  case.train_batch * case.seq_len, timings,
+                  extra={"precision": label, "target": f"stage2_train/{precision}"})
+
+
+def matmul_peak_gflops(device: torch.device, size: int = 1024, reps: int = 5) -> float:
+    """Measured fp32 GEMM throughput (GFLOP/s) of a large square matmul: the arithmetic ceiling."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    timings = time_alternating({"gemm": lambda: a @ b}, device, reps=reps, warmup=1)
+    return 2 * size**3 / timings["gemm"].median / 1e9
+
+
+def decode_gflop_per_token(case: GPTCase, device: torch.device) -> float:
+    """FLOPs of one cached decoding step of the case's GPT, per sequence (attention over a full cache)."""
+    from benchmarks.timing import count_flops
+
+    gpt = case.build(device).eval()
+    cache = gpt.new_cache(case.sample_batch)
+    token = torch.zeros(case.sample_batch, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        for _ in range(case.sample_tokens - 1):
+            gpt.forward_with_cache(token, cache)
+        flops = count_flops(lambda: gpt.forward_with_cache(token, cache))
+    return flops / case.sample_batch / 1e9
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What the side-by-side part of a benchmark scale runs."""
+
+    stage1: tuple[Stage1Comparison, ...]
+    gpt: GPTCase
+    top_k: int
+    reps: int
+    warmup: int
+
+
+def run_comparison(scale: Comparison, device: torch.device, keep: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every side-by-side benchmark of ``scale`` (results passed to ``keep``) and the sampling ceiling."""
+    ref = import_reference()
+    for case in scale.stage1:
+        for precision in ("fp32", "bf16"):
+            keep(compare_stage1(ref, case, device, precision, reps=scale.reps, warmup=scale.warmup))
+    keep(compare_sampling(ref, scale.gpt, device, scale.top_k, reps=scale.reps, warmup=scale.warmup))
+    for precision in ("fp32", "bf16"):
+        keep(compare_gpt_training(ref, scale.gpt, device, precision, reps=scale.reps, warmup=scale.warmup))
+    peak = matmul_peak_gflops(device)
+    per_token = decode_gflop_per_token(scale.gpt, device)
+    return {"gemm_peak_gflop_per_s": peak, "decode_gflop_per_token": per_token,
+            "sampling_ceiling_tok_per_s": peak / per_token}
