@@ -75,6 +75,37 @@ def pick_device(spec: str) -> torch.device:
     return device
 
 
+def output_folder(spec: str) -> Path:
+    """The ``--out`` folder, checked before any work: it must be a folder or a name one can be created at."""
+    out = Path(spec)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {spec} is an existing file, but it names the folder to write into. Pick a folder "
+                         f"name (it is created), or move the file away.")
+    _check_creatable(out, spec)
+    return out
+
+
+def output_file(spec: str, suffix: str) -> Path:
+    """The ``--out`` file (``suffix`` appended when missing), checked before any work."""
+    given = Path(spec)
+    out = given if given.suffix == suffix else given.with_name(given.name + suffix)
+    if given.is_dir() or out.is_dir():
+        raise UsageError(f"--out {spec} is a folder, but it names the {suffix} file to write. Pass a file name, "
+                         f"e.g. tokens{suffix}.")
+    _check_creatable(out.parent, spec)
+    return out
+
+
+def _check_creatable(folder: Path, spec: str) -> None:
+    """``folder`` exists, or its nearest existing parent is a folder it can be created in."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {spec}: '{existing}' is a file, so no folder can be created inside it. Pick "
+                         f"another path.")
+
+
 def image_shape(vqgan: VQGAN) -> dict[str, int]:
     return {"image_size": vqgan.resolution, "channels": vqgan.in_channels}
 
@@ -153,6 +184,7 @@ def input_images(spec: str, vqgan: VQGAN, state: dict, limit: int | None = None)
 
 def cmd_sample(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
+    out = output_folder(args.out)
     prior, state = load_prior(args.checkpoint, device)
     settings = sampling_settings(prior, state, args)
     labels = sample_labels(prior, args.classes, args.num)
@@ -160,7 +192,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if reference is not None and args.num < 2:
         raise UsageError("FID needs at least 2 samples; raise --num (thousands for a meaningful value).")
     inception = load_inception(args.inception, device) if reference is not None else None
-    out = Path(args.out)
     generator = torch.Generator(device).manual_seed(args.seed)
     features = FeatureSet()
     shown: list[torch.Tensor] = []
@@ -194,6 +225,7 @@ def load_lpips(vgg: str | None, heads: str | None, device: torch.device) -> LPIP
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
+    out = output_folder(args.out)
     vqgan, state = load_vqgan(args.checkpoint, device)
     images = input_images(args.input, vqgan, state, args.num)
     if args.fid and len(images.dataset) < 2:
@@ -201,7 +233,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     inception = load_inception(args.inception, device) if args.fid else None
     lpips = load_lpips(args.lpips_vgg, args.lpips_heads, device) if args.lpips else None
     metrics = ReconstructionMetrics(vqgan.codebook_size, inception, lpips)
-    out = Path(args.out)
     loader = images.loader(args.batch_size)
     shown: list[tuple[torch.Tensor, torch.Tensor]] = []
     batches = reconstruct_batches(vqgan, loader, device)
@@ -219,17 +250,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 def encode_tokens(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
+    out = output_file(args.out, ".npy")
     vqgan, state = load_vqgan(args.checkpoint, device)
     images = input_images(args.input, vqgan, state, args.num)
     all_indices, all_labels = [], []
     for batch, labels in tqdm(images.loader(args.batch_size), desc="encoding", dynamic_ncols=True):
         all_indices.append(vqgan.encode_to_indices(batch.to(device)).cpu())
         all_labels.append(labels)
-    out = Path(args.out)
-    if out.suffix != ".npy":
-        out = out.with_name(out.name + ".npy")
-    out.parent.mkdir(parents=True, exist_ok=True)
     indices = torch.cat(all_indices).to(torch.int32).numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, indices)
     print(f"wrote {out}: {indices.shape[0]} token grids of {indices.shape[1]}x{indices.shape[2]} codes "
           f"(int32, 0..{vqgan.codebook_size - 1})")
@@ -245,13 +274,19 @@ def read_tokens(path: Path, vqgan: VQGAN) -> torch.Tensor:
         raise UsageError(f"token file '{path}' does not exist; write one with `generate.py tokens --out FILE.npy`.")
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise UsageError(f"'{path}' is not a .npy array ({err}).") from err
+    except (ValueError, OSError, EOFError) as err:
+        raise UsageError(f"'{path}' is not a .npy file of integer code grids, so it cannot be decoded. Pass a file "
+                         f"written by `generate.py tokens --out FILE.npy`.") from err
+    if not isinstance(array, np.ndarray):
+        raise UsageError(f"'{path}' is an .npz archive, not a .npy array of code grids; pass the .npy file that "
+                         f"`generate.py tokens --out FILE.npy` wrote.")
     h, w = vqgan.latent_size
     if not np.issubdtype(array.dtype, np.integer) or array.ndim not in (2, 3) or array.shape[1:] not in ((h, w),
                                                                                                      (h * w,)):
         raise UsageError(f"'{path}' holds {array.dtype} {array.shape}, but this VQGAN needs integer code grids "
                          f"[N, {h}, {w}] (or [N, {h * w}]).")
+    if array.shape[0] == 0:
+        raise UsageError(f"'{path}' holds no token grids (shape {array.shape}); pass a file with at least one.")
     if array.size and (array.min() < 0 or array.max() >= vqgan.codebook_size):
         raise UsageError(f"'{path}' holds codes in [{array.min()}, {array.max()}], but this VQGAN has "
                          f"{vqgan.codebook_size} codes; decode with the checkpoint that wrote the tokens.")
@@ -260,9 +295,9 @@ def read_tokens(path: Path, vqgan: VQGAN) -> torch.Tensor:
 
 def decode_tokens(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
+    out = output_folder(args.out)
     vqgan, _ = load_vqgan(args.checkpoint, device)
     indices = read_tokens(Path(args.input), vqgan)[:args.num]
-    out = Path(args.out)
     shown: list[torch.Tensor] = []
     batches = decode_batches(vqgan, indices, args.batch_size, device)
     total = math.ceil(len(indices) / args.batch_size)
@@ -280,13 +315,13 @@ def cmd_tokens(args: argparse.Namespace) -> None:
 
 def cmd_visualize(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
+    out = output_folder(args.out)
     vqgan, prior, state = load_any(args.checkpoint, device)
     metrics_csv = Path(args.run_dir) / "metrics.csv" if args.run_dir else None
     if metrics_csv is not None and not metrics_csv.is_file():
         raise UsageError(f"--run-dir {args.run_dir} has no metrics.csv; pass a run folder written by "
                          f"train_vqgan.py or train_transformer.py.")
     images = input_images(args.input, vqgan, state, args.num)
-    out = Path(args.out)
     loader = images.loader(args.batch_size)
     written = tokenizer_pictures(vqgan, tqdm(loader, desc="encoding", dynamic_ncols=True), device, out)
     if prior is not None:

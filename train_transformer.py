@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from dataloader import DataError, build_dataset, build_loader, infinite_batches, num_classes_of
+from dataloader import CheckedLoader, DataError, build_dataset, build_loader, infinite_batches, num_classes_of
+from dataloader.folder import folder_fingerprint
 from transformer import VQGANPrior
 from transformer.config import Stage2Config
 from transformer.token_cache import cache_key, tokenize_dataset
@@ -29,12 +30,12 @@ from utils.checkpoint import (
     set_rng_state,
     training_checkpoint,
 )
-from utils.config import ConfigError, DataConfig, save_config, to_dict
+from utils.config import ConfigError, DataConfig, building, save_config, to_dict
 from utils.device import autocast_dtype, configure_backends, describe_environment, resolve_device
 from utils.distributed import DistInfo, barrier, wrap_ddp
 from utils.logging import TrainingLog
 from utils.loop import BadStepTracker, StopSignal, is_due
-from utils.pictures import plot_training_curves, save_grid
+from utils.pictures import class_rows, plot_training_curves, save_grid
 from utils.run_dir import RunDirError, prepare_run
 from utils.script import run_training, training_parser
 from utils.training import ModelEMA, autocast, count_parameters, lr_factor, make_adam, set_lr, set_seed
@@ -74,7 +75,9 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
                           f"folder with one subfolder per class).")
 
     set_seed(cfg.train.seed)  # the same initial weights on every rank
-    prior = VQGANPrior(vqgan, cfg.transformer, num_classes if cfg.transformer.class_conditional else 0).to(device)
+    with building("GPT prior"):
+        prior = VQGANPrior(vqgan, cfg.transformer, num_classes if cfg.transformer.class_conditional else 0)
+    prior.to(device)
     set_seed(cfg.train.seed + info.rank)
     optimizer = make_adam(prior.param_groups(cfg.train.weight_decay), cfg.train.lr, cfg.train.betas, 0.0, device)
     start_step = 0
@@ -143,12 +146,16 @@ def tokenize(vqgan: VQGAN, cfg: Stage2Config, vqgan_path: str, device: torch.dev
         return dataset, num_classes_of(dataset)
 
     return tokenize_dataset(vqgan, training_images, token_cache_path(vqgan_path, cfg.data, "train"), device,
-                            num_workers=cfg.data.num_workers)
+                            num_workers=cfg.data.num_workers, loader_class=CheckedLoader)
 
 
 def token_cache_path(vqgan_path: str | Path, data: DataConfig, split: str) -> Path:
-    """Where the tokens of ``split`` live: named by the stage-1 checkpoint and the data settings that change images."""
+    """Where the tokens of ``split`` live: named by the stage-1 checkpoint, the data settings that change images
+    and, for an image folder, the names, sizes and modification times of its files (so edited images are
+    tokenised again)."""
     settings = {k: v for k, v in to_dict(data).items() if k not in ("num_workers", "random_flip")}
+    if data.name == "folder" and Path(data.root).is_dir():
+        settings["files"] = folder_fingerprint(data.root)
     return TOKEN_CACHE / f"{data.name}_{split}_{cache_key(vqgan_path, {'data': settings, 'split': split})}.pt"
 
 
@@ -173,22 +180,26 @@ def save(run_dir: Path, step: int, periodic: bool, config: dict, prior: VQGANPri
 @torch.no_grad()
 def write_samples(run_dir: Path, step: int, prior: VQGANPrior, ema: ModelEMA | None, cfg: Stage2Config,
                   amp_dtype: torch.dtype | None) -> None:
-    """``samples/step_XXXXXX.png`` (classes cycling along each row; the EMA weights when kept) and the plots."""
+    """``samples/step_XXXXXX.png`` (one class per row when class-conditional; the EMA weights when kept) and the
+    plots."""
     gpt = prior.gpt
     if ema is not None:
         prior.gpt = ema.module
     prior.eval()
     device = next(prior.parameters()).device
-    labels = torch.arange(cfg.train.num_sample_images) % prior.num_classes if prior.class_conditional else None
+    labels, columns = None, min(8, cfg.train.num_sample_images)
+    if prior.class_conditional:
+        labels, columns = class_rows(prior.num_classes, cfg.train.num_sample_images)
+    count = cfg.train.num_sample_images if labels is None else len(labels)
     generator = torch.Generator(device).manual_seed(cfg.train.seed)
     with autocast(device, amp_dtype):
-        _, images = prior.sample(cfg.train.num_sample_images, labels, temperature=cfg.sample.temperature,
+        _, images = prior.sample(count, labels, temperature=cfg.sample.temperature,
                                  top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
                                  cfg_scale=cfg.sample.cfg_scale if prior.class_conditional else 1.0,
                                  generator=generator)
     prior.gpt = gpt
     prior.train()
-    save_grid(images, run_dir / "samples" / f"step_{step:06d}.png", nrow=min(8, len(images)))
+    save_grid(images, run_dir / "samples" / f"step_{step:06d}.png", nrow=columns)
     plot_training_curves(run_dir / "metrics.csv", run_dir / "plots", PLOT_GROUPS)
 
 

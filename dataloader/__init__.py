@@ -2,10 +2,11 @@
 
 from .datasets import build_dataset, num_classes_of
 from .errors import BadImageError, DataError, DatasetFormatError, DatasetNotFoundError
-from .loader import build_loader, infinite_batches
+from .loader import CheckedLoader, build_loader, infinite_batches
 
 __all__ = [
     "BadImageError",
+    "CheckedLoader",
     "DataError",
     "DatasetFormatError",
     "DatasetNotFoundError",

@@ -1,8 +1,10 @@
 """Any folder of images as a dataset: recursive, optional class subfolders, resize + center crop.
 
 Files with the extensions in ``EXTENSIONS`` are collected recursively (symlinked folders followed,
-names starting with '.' ignored) and sorted by path. With ``class_labels`` each image's class is the
-name of its top-level subfolder (classes sorted by name; both splits share one mapping).
+each real folder at most once, so a symlink loop ends; names starting with '.' ignored) and sorted by
+path. When the scan leaves files or folders out, one warning says how many for which reason. With
+``class_labels`` each image's class is the name of its top-level subfolder (classes sorted by name;
+both splits share one mapping).
 
 Splits: when ``root`` holds ``train/`` and ``test/`` (or ``val/``) folders, those are the splits and
 the test split keeps ``eval_samples`` images spread evenly over its sorted paths (0 = all). Otherwise
@@ -23,9 +25,11 @@ remembered, and replaced by the next readable image in the list; nothing is pre-
 stays instant for large folders. The count is per process (each DataLoader worker warns for itself).
 """
 
+import hashlib
 import os
 import struct
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +48,51 @@ _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def list_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursive, sorted, hidden names skipped)."""
-    found = []
+    """Image files under ``root`` (recursive, sorted, hidden names skipped); warns once about what it left out."""
+    found, skipped = _scan(root)
+    if skipped:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
+        warnings.warn(f"the scan of '{root}' left out {reasons}.", stacklevel=2)
+    return found
+
+
+def _scan(root: Path) -> tuple[list[Path], Counter]:
+    """(image files under ``root``, sorted; counts of what was left out by reason)."""
+    found: list[Path] = []
+    skipped: Counter = Counter()
+    seen = {os.path.realpath(root)}
     for directory, subdirs, files in os.walk(root, followlinks=True):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        found.extend(Path(directory, f) for f in files
-                     if not f.startswith(".") and os.path.splitext(f)[1].lower() in EXTENSIONS)
-    return sorted(found)
+        kept = []
+        for name in sorted(subdirs):  # sorted: the same link wins on every scan
+            real = os.path.realpath(os.path.join(directory, name))
+            if name.startswith("."):
+                skipped["hidden folder(s)"] += 1
+            elif real in seen:
+                skipped["symlinked folder(s) already scanned (a loop or a second link)"] += 1
+            else:
+                seen.add(real)
+                kept.append(name)
+        subdirs[:] = kept
+        for name in files:
+            path = Path(directory, name)
+            if name.startswith("."):
+                skipped["hidden file(s)"] += 1
+            elif os.path.splitext(name)[1].lower() not in EXTENSIONS:
+                skipped[f"file(s) without an image extension ({', '.join(EXTENSIONS)})"] += 1
+            elif not path.exists():
+                skipped["broken symlink(s)"] += 1
+            else:
+                found.append(path)
+    return sorted(found), skipped
+
+
+def folder_fingerprint(root: str | Path) -> str:
+    """Hash of the names, sizes and modification times of the images under ``root``: changes when they do."""
+    digest = hashlib.sha256()
+    for path in _scan(Path(root))[0]:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def to_8bit(image: Image.Image, channels: int) -> Image.Image:

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from utils.config import ConfigError, DataConfig, from_dict
 
 from .datasets import build_dataset, num_classes_of
 from .errors import DatasetNotFoundError
 from .folder import EXTENSIONS, FolderDataset, list_images
+from .loader import CheckedLoader
 
 OWN_TEST_SPLIT = "test"
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -49,9 +50,9 @@ class ImageSet:
     def num_classes(self) -> int:
         return num_classes_of(self.dataset)
 
-    def loader(self, batch_size: int) -> DataLoader:
+    def loader(self, batch_size: int) -> CheckedLoader:
         """Batches in order (no shuffling), so outputs line up with the inputs."""
-        return DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        return CheckedLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
 
 
 def data_config_of(config: dict) -> DataConfig:

@@ -1,5 +1,9 @@
 """DataLoaders for training and evaluation, and an endless batch iterator that can resume mid-epoch.
 
+Every loader built here is a ``CheckedLoader``: a data error raised inside a worker process comes
+back with its own message (torch wraps it in the worker's traceback), and a pass that ends early,
+by an error or because the consumer stops, shuts its worker processes down at once.
+
 Every loader built here draws its order from a ``ResumableSampler``: torch's ``DistributedSampler``
 (one replica outside distributed runs), whose order depends only on ``(seed, epoch)``, extended so
 that an epoch can start part-way through. A resumed run therefore sees exactly the batches the
@@ -8,6 +12,7 @@ uninterrupted run would have seen, without loading the skipped ones.
 
 import itertools
 import random
+import re
 import signal
 import warnings
 from typing import Any, Iterator
@@ -16,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .errors import DataError
 
 
 class ResumableSampler(DistributedSampler):
@@ -32,6 +39,48 @@ class ResumableSampler(DistributedSampler):
         return max(0, self.num_samples - self.skip)
 
 
+def worker_message(err: BaseException) -> str:
+    """The message an error had inside a DataLoader worker, without torch's "Caught ... in DataLoader worker
+    process N" header and the worker's traceback (the message itself when it was raised in this process)."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    name = re.escape(type(err).__name__)
+    last = None
+    for last in re.finditer(rf"^(?:[\w.]+\.)?{name}: ", text, flags=re.MULTILINE):
+        pass
+    return text[last.end():].strip() if last else text
+
+
+class CheckedLoader(DataLoader):
+    """A DataLoader whose passes report worker data errors by their own message and shut the workers down
+    when a pass ends early (see the module docstring)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return _checked_pass(self, super().__iter__())
+
+
+def _checked_pass(loader: DataLoader, iterator: Any) -> Iterator[Any]:
+    finished = False
+    try:
+        yield from iterator
+        finished = True
+    except DataError as err:
+        raise type(err)(worker_message(err)) from None
+    finally:
+        if not finished:
+            _shut_down(loader, iterator)
+
+
+def _shut_down(loader: DataLoader, iterator: Any) -> None:
+    """Stop the worker processes of ``iterator`` now (persistent workers too) instead of at garbage collection."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator
+    if shutdown is not None:
+        shutdown()
+    if getattr(loader, "_iterator", None) is iterator:  # a persistent iterator must not be reused
+        loader._iterator = None
+
+
 def _init_worker(worker_id: int) -> None:
     """Seed numpy and ``random`` from the seed torch gave the worker, and leave SIGINT/SIGTERM to the
     main process: a Ctrl-C or a scheduler's SIGTERM sent to the whole process group must not kill
@@ -45,7 +94,7 @@ def _init_worker(worker_id: int) -> None:
 
 def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, num_workers: int = 0,
                  device_type: str = "cpu", drop_last: bool = True, seed: int = 0,
-                 distributed: bool = False) -> DataLoader:
+                 distributed: bool = False) -> CheckedLoader:
     """A seeded DataLoader; with ``distributed`` each process of the initialised group gets its own shard.
 
     ``pin_memory`` is on for CUDA, workers persist between epochs. ``drop_last`` is ignored (with a
@@ -64,7 +113,7 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, num
                       f"using smaller batches instead of dropping them all.", stacklevel=2)
         drop_last = False
     worker_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+    return CheckedLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=device_type == "cuda", drop_last=drop_last,
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(worker_seed),
                       worker_init_fn=_init_worker if num_workers > 0 else None)

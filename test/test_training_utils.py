@@ -84,7 +84,21 @@ def test_bad_step_tracker_counts_runs_of_bad_steps(tmp_path: Path) -> None:
     assert (tracker.consecutive, tracker.total) == (1, 2)
     with pytest.raises(TrainingStopped, match=r"2 consecutive steps \(3-4\) had a non-finite d_loss") as info:
         tracker.record(4, "d_loss")
-    assert str(tmp_path / "last.pt") in str(info.value) and "--resume" in str(info.value)
+    message = str(info.value)
+    assert str(tmp_path / "last.pt") in message and "nothing to resume" in message and "run again" in message
+
+
+@pytest.mark.parametrize("saved_at, expected", [(2, "from step 2, before the non-finite steps began"),
+                                                (4, "from step 4, after the non-finite steps began")])
+def test_bad_step_stop_names_the_step_of_the_newest_checkpoint(tmp_path: Path, saved_at: int, expected: str) -> None:
+    save_checkpoint({"kind": "vqgan", "model": {}, "step": saved_at}, tmp_path / "last.pt")
+    tracker = BadStepTracker(max_bad=2, last_checkpoint=tmp_path / "last.pt")
+    tracker.record(3, "rec_loss")
+    with pytest.raises(TrainingStopped) as info:
+        tracker.record(4, "rec_loss")
+    message = str(info.value)
+    assert expected in message and "may already" in message and "--resume" in message
+    assert "last good checkpoint" not in message
 
 
 def test_tensor_snapshot_undoes_in_place_updates() -> None:

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformer.prior import PriorConfig
 from transformer.sampling import SamplingConfig
-from utils.config import DataConfig, TrainConfig, check, validate_data_and_train
+from utils.config import (
+    DataConfig,
+    TrainConfig,
+    check,
+    check_counts,
+    check_fraction,
+    check_value,
+    validate_data_and_train,
+)
 
 
 @dataclass
@@ -16,12 +25,29 @@ class Stage2Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SamplingConfig = field(default_factory=SamplingConfig)
 
+    # sections that only a stage-1 config has: (stage, script, example config) for the error message
+    OTHER_STAGE: ClassVar[dict[str, tuple[str, str, str]]] = {
+        name: ("stage-1", "train_vqgan.py", "configs/quickstart_transformer.yaml")
+        for name in ("model", "disc", "loss")}
+
     def validate(self) -> list[str]:
         """Raise ConfigError on impossible values; return warnings about suspicious ones."""
         validate_data_and_train(self.data, self.train)
         t = self.transformer
+        check_counts("transformer", t, {"n_layer": 1, "n_head": 1, "n_embd": 1}, {"n_layer": 8, "n_head": 8,
+                                                                               "n_embd": 512})
+        check_fraction("transformer.dropout", t.dropout, 0.1)
         check(t.n_embd % t.n_head == 0,
               f"transformer.n_embd={t.n_embd} must be divisible by transformer.n_head={t.n_head}.")
         check(0 <= t.pkeep <= 1, f"transformer.pkeep must be in [0, 1], got {t.pkeep}.")
         check(0 <= t.class_dropout < 1, f"transformer.class_dropout must be in [0, 1), got {t.class_dropout}.")
+        head = t.n_embd // t.n_head
+        check(t.positions != "rotary" or head % 2 == 0,
+              f"transformer.positions=rotary needs an even head size, but transformer.n_embd={t.n_embd} / "
+              f"transformer.n_head={t.n_head} = {head}; e.g. transformer.n_embd={t.n_head * (head + 1)}.")
+        s = self.sample
+        check_value("sample.temperature", s.temperature, s.temperature > 0, "positive", 1.0)
+        check_value("sample.top_k", s.top_k, s.top_k is None or s.top_k >= 1, "null (off) or at least 1", 100)
+        check_value("sample.top_p", s.top_p, s.top_p is None or 0 < s.top_p <= 1, "null (off) or in (0, 1]", 0.95)
+        check_value("sample.cfg_scale", s.cfg_scale, s.cfg_scale >= 0, "0 or more (1 = no guidance)", 1.5)
         return []

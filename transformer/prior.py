@@ -107,7 +107,7 @@ class VQGANPrior(nn.Module):
         """The trained prior of a stage-2 checkpoint dict around ``vqgan``, in eval mode (EMA weights when kept)."""
         try:
             prior = cls.from_prior_config(vqgan, state["prior_config"])
-        except (TypeError, KeyError) as err:
+        except (TypeError, KeyError, ValueError) as err:
             raise CheckpointError(f"{source}: its prior_config cannot be built by this version of the code "
                                   f"({err}). Was it written by another version or another program?") from err
         load_state_dict_checked(prior.gpt, state.get("ema") or state["model"], source)

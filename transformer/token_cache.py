@@ -34,10 +34,11 @@ def cache_key(checkpoint: str | Path, settings: dict[str, Any]) -> str:
 
 @torch.no_grad()
 def tokenize_dataset(vqgan: Any, make_dataset: Callable[[], tuple[Dataset, int]], path: str | Path,
-                     device: torch.device, num_workers: int = 0) -> dict:
+                     device: torch.device, num_workers: int = 0,
+                     loader_class: type[DataLoader] = DataLoader) -> dict:
     """{"indices": int32 [N, h*w], "labels": long [N], "num_classes": int}, read from ``path`` when it holds
-    them; otherwise computed from the (dataset, number of classes) that ``make_dataset`` builds, and
-    written there."""
+    them; otherwise computed from the (dataset, number of classes) that ``make_dataset`` builds (read in
+    order by a ``loader_class``), and written there."""
     path = Path(path)
     if path.is_file():
         try:
@@ -46,7 +47,7 @@ def tokenize_dataset(vqgan: Any, make_dataset: Callable[[], tuple[Dataset, int]]
             warnings.warn(f"token cache {path} is unreadable ({str(err).splitlines()[0]}); tokenising again.",
                           stacklevel=2)
     dataset, num_classes = make_dataset()
-    loader = DataLoader(dataset, batch_size=TOKENIZE_BATCH, shuffle=False, num_workers=num_workers)
+    loader = loader_class(dataset, batch_size=TOKENIZE_BATCH, shuffle=False, num_workers=num_workers)
     all_indices, all_labels = [], []
     for images, labels in tqdm(loader, desc="tokenising", dynamic_ncols=True):
         all_indices.append(vqgan.encode_to_indices(images.to(device)).flatten(1).to(torch.int32).cpu())

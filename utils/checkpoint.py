@@ -54,10 +54,19 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         finally:
             os.close(dir_fd)
     except (OSError, RuntimeError) as err:  # torch.save reports failed writes as RuntimeError
-        raise CheckpointError(f"could not write '{path}': {err}. Free disk space or fix the folder's permissions; "
-                              f"the previous version of the file, if any, is intact.") from err
+        raise CheckpointError(f"could not write '{path}': {_write_failure(err)}. Free disk space or fix the folder's "
+                              f"permissions; the previous version of the file, if any, is intact.") from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_failure(err: Exception) -> str:
+    """A failed write in plain words: torch.save's zip writer reports them as ``[enforce fail at
+    inline_container.cc:N] ... file write failed`` without the reason, which is nearly always a full disk."""
+    text = str(err)
+    if isinstance(err, RuntimeError) and ("enforce fail" in text or "PytorchStreamWriter" in text):
+        return "the file could not be written (the disk is probably full, or it filled up during the write)"
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def training_checkpoint(kind: str, step: int, config: dict[str, Any], **parts: Any) -> dict[str, Any]:

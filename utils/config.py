@@ -11,13 +11,15 @@ type raise :class:`ConfigError` naming the key and the closest valid one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Iterator, Literal, TypeVar, Union
 
 import yaml
 
@@ -78,10 +80,35 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_value(key: str, value: Any, ok: bool, allowed: str, example: Any) -> None:
+    """Raise ConfigError ``key must be <allowed>, got <value>; e.g. key=<example>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} must be {allowed}, got {_yaml_inline(value)}; e.g. {key}={example}.")
+
+
+def check_fraction(key: str, value: float, example: Any, *, top: bool = False) -> None:
+    """``value`` in [0, 1) (or [0, 1] with ``top``)."""
+    ok = 0 <= value <= 1 if top else 0 <= value < 1
+    check_value(key, value, ok, "in [0, 1]" if top else "in [0, 1)", example)
+
+
+def check_counts(section: str, config: Any, minimum: dict[str, int], example: dict[str, Any]) -> None:
+    """Every key of ``minimum`` in ``config`` (the section ``section``) is an integer of at least its minimum."""
+    for key, low in minimum.items():
+        value = getattr(config, key)
+        allowed = "positive" if low == 1 else "0 or more" if low == 0 else f"at least {low}"
+        check_value(f"{section}.{key}", value, value >= low, allowed, example.get(key, max(low, 1)))
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
     """Raise ConfigError on impossible values of the sections both stages share."""
     check(data.channels in (1, 3), f"data.channels must be 1 or 3, got {data.channels}.")
     check(data.image_size > 0, f"data.image_size must be positive, got {data.image_size}.")
+    check_counts("data", data, {"num_workers": 0, "num_samples": 1, "num_classes": 1, "eval_samples": 0},
+                 {"num_workers": 2, "num_samples": 20000, "num_classes": 10, "eval_samples": 2000})
     check(train.lr > 0, f"train.lr must be positive, got {train.lr}; typical values are 1e-4 to 5e-4.")
     check(train.max_steps > 0, f"train.max_steps must be positive, got {train.max_steps}.")
     check(train.batch_size > 0, f"train.batch_size must be positive, got {train.batch_size}.")
@@ -89,6 +116,29 @@ def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
     check(0 <= train.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {train.ema_decay}.")
     check(train.log_every > 0, f"train.log_every must be positive, got {train.log_every}.")
     check(train.max_bad_steps > 0, f"train.max_bad_steps must be positive, got {train.max_bad_steps}.")
+    check_counts("train", train, {"warmup_steps": 0, "sample_every": 0, "ckpt_every": 0, "num_sample_images": 1},
+                 {"warmup_steps": 500, "sample_every": 500, "ckpt_every": 1000, "num_sample_images": 8})
+    for i, beta in enumerate(train.betas):
+        check_fraction(f"train.betas[{i}]", beta, "[0.5,0.9]")
+    check_fraction("train.min_lr_ratio", train.min_lr_ratio, 0.1, top=True)
+    check_value("train.weight_decay", train.weight_decay, train.weight_decay >= 0, "0 or more", 0.01)
+    check_value("train.grad_clip", train.grad_clip, train.grad_clip >= 0, "0 (off) or more", 1.0)
+    check_value("train.device", train.device, DEVICE_PATTERN.fullmatch(train.device) is not None,
+                "auto, cpu, cuda or cuda:N", "cpu")
+
+
+@contextlib.contextmanager
+def building(what: str) -> Iterator[None]:
+    """Report a ValueError raised while building ``what`` from the config as a ConfigError.
+
+    Used only around model constructors, whose ValueErrors are about impossible settings.
+    """
+    try:
+        yield
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"the config describes a {what} that cannot be built: {err}") from err
 
 
 ConfigT = TypeVar("ConfigT")
@@ -97,6 +147,27 @@ ConfigT = TypeVar("ConfigT")
 def _closest(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(options)}."
+
+
+def _unknown_key(section: str, key: str, sections: dict[str, Any]) -> str:
+    """Why ``section.key`` is unknown: the section where that key lives, else the closest key of ``section``."""
+    homes = [name for name, section_cls in sections.items() if key in _field_types(section_cls)]
+    dotted = f"{section}.{key}"
+    if homes:
+        return (f"unknown config key '{dotted}': '{key}' belongs to the {homes[0]} section. "
+                f"Did you mean '{homes[0]}.{key}'?")
+    valid = [f"{section}.{k}" for k in _field_types(sections[section])]
+    return f"unknown config key '{dotted}'.{_closest(dotted, valid)}"
+
+
+def _unknown_section(cls: type, section: str, sections: dict[str, Any]) -> str:
+    """Why ``section`` is unknown: it belongs to the other stage's config, else the closest section."""
+    other_stage = getattr(cls, "OTHER_STAGE", {})
+    if section in other_stage:
+        stage, script, example = other_stage[section]
+        return (f"unknown config section '{section}': this looks like a {stage} config (for {script}). "
+                f"Pass it to {script}, or give this script a config like {example}.")
+    return f"unknown config section '{section}'.{_closest(section, list(sections))}"
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -159,7 +230,7 @@ def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
     built = {}
     for section_name, section_data in data.items():
         if section_name not in sections:
-            raise ConfigError(f"unknown config section '{section_name}'.{_closest(section_name, list(sections))}")
+            raise ConfigError(_unknown_section(cls, section_name, sections))
         if section_data is None:
             continue
         if not isinstance(section_data, dict):
@@ -170,8 +241,7 @@ def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
         for key, value in section_data.items():
             dotted = f"{section_name}.{key}"
             if key not in fields:
-                valid = [f"{section_name}.{k}" for k in fields]
-                raise ConfigError(f"unknown config key '{dotted}'.{_closest(dotted, valid)}")
+                raise ConfigError(_unknown_key(section_name, key, sections))
             values[key] = _coerce(value, fields[key], dotted)
         built[section_name] = section_cls(**values)
     return cls(**built)
@@ -195,10 +265,16 @@ def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override '{dotted}={raw}' must look like section.key=value, e.g. train.lr=1e-4.")
     section, key = parts
-    value = yaml.safe_load(raw) if raw != "" else None
-    data.setdefault(section, {})
-    if data[section] is None:
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override '{dotted}={raw}': the value is not valid YAML ({problem}). Quote strings and "
+                          f"close brackets, e.g. model.ch_mult=[1,2,2].") from None
+    if data.get(section) is None:
         data[section] = {}
+    if not isinstance(data[section], dict):
+        raise ConfigError(f"config section '{section}' must be a mapping of keys, got {data[section]!r}.")
     data[section][key] = value
 
 
@@ -224,6 +300,12 @@ def load_config(cls: type[ConfigT], path: str | Path | None, overrides: list[str
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file '{path}' cannot be read ({err}). Pass a YAML text file, "
+                              f"e.g. configs/quickstart.yaml.") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, train:, ...), but it "
+                              f"holds a {type(data).__name__}: {str(data)[:60]!r}. See configs/quickstart.yaml.")
     apply_overrides(data, overrides or [])
     return from_dict(cls, data)
 

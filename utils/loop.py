@@ -72,6 +72,19 @@ class BadStepTracker:
     consecutive: int = 0
     total: int = 0
 
+    def _checkpoint_note(self, first_bad: int) -> str:
+        """Where the newest checkpoint is, from which step, and whether it can be trusted."""
+        saved = _saved_step(self.last_checkpoint) if self.last_checkpoint.is_file() else None
+        if saved is None:
+            return f"No checkpoint had been written yet ({self.last_checkpoint}), so there is nothing to resume."
+        if saved < first_bad:
+            return (f"The newest checkpoint, {self.last_checkpoint}, is from step {saved}, before the non-finite "
+                    f"steps began, but its weights may already be diverging: check the losses in metrics.csv "
+                    f"up to step {saved} and, if they were rising, resume from an earlier step_*.pt instead.")
+        return (f"The newest checkpoint, {self.last_checkpoint}, is from step {saved}, after the non-finite steps "
+                f"began (their updates were skipped), so it may already hold diverged weights: resume from a "
+                f"step_*.pt written before step {first_bad} if one exists.")
+
     def record(self, step: int, cause: str | None) -> str | None:
         """Note whether ``step`` (1-based) was good (``cause`` None) or skipped because ``cause`` was
         non-finite; returns the line to print for a skipped step, raises :class:`TrainingStopped`
@@ -85,11 +98,20 @@ class BadStepTracker:
             first = step + 1 - self.consecutive
             raise TrainingStopped(
                 f"{self.consecutive} consecutive steps ({first}-{step}) had a non-finite {cause}, so training "
-                f"stopped. The last good checkpoint is {self.last_checkpoint}. Lower train.lr, raise "
-                f"train.warmup_steps or train.max_bad_steps, use train.precision=fp32 or check the data, then "
-                f"continue with --resume.")
+                f"stopped. {self._checkpoint_note(first)} Lower train.lr, raise train.warmup_steps or "
+                f"train.max_bad_steps, use train.precision=fp32 or check the data, then "
+                + ("continue with --resume (or start over with --force)." if self.last_checkpoint.is_file()
+                   else "run again."))
         return (f"step {step}: non-finite {cause}, update skipped ({self.consecutive} in a row; training stops "
                 f"at {self.max_bad})")
+
+
+def _saved_step(path: Path) -> int | None:
+    """The step stored in the checkpoint at ``path`` (memory-mapped, so only that value is read), or None."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # noqa: BLE001 - a missing or unreadable file just means "no checkpoint to point at"
+        return None
 
 
 def finish_message(steps: int, seconds: float, device: torch.device, checkpoint: Path) -> str:

@@ -206,6 +206,14 @@ def prior_samples_picture(prior: Any, out_dir: Path, per_row: int, generator: to
     return path
 
 
+def class_rows(num_classes: int, num_images: int) -> tuple[torch.Tensor, int]:
+    """Labels for a grid of at most ``num_images`` samples with one class per row (the first classes when there
+    are more classes than images), and the row length."""
+    rows = max(1, min(num_classes, num_images, MAX_CLASS_ROWS))
+    per_row = max(1, num_images // rows)
+    return torch.arange(rows).repeat_interleave(per_row), per_row
+
+
 def training_curves_picture(run_dir: Path, out_dir: Path) -> Path | None:
     """``training_curves.png`` from ``run_dir/metrics.csv``; None when the file has no values yet."""
     path = out_dir / "training_curves.png"

@@ -1,16 +1,29 @@
 """The run folder: start a fresh run, refuse to overwrite one, or pick up a run to resume.
 
-A folder holding a previous run is never overwritten unless ``--force``. ``--resume`` continues from
-``checkpoints/last.pt``; settings that only change how the run is driven (length, logging, sampling
-and checkpoint cadence, workers, device) may differ and are reported, while a changed model, data,
-loss or optimizer is refused unless ``--force``.
+A folder holding a previous run is never overwritten unless ``--force``, which first removes the
+previous run's checkpoints, sample grids, plots, TensorBoard events, metrics and config (and nothing
+else). ``--resume`` continues from ``checkpoints/last.pt``; settings that only change how the run is
+driven (length, logging, sampling and checkpoint cadence, workers, device) may differ and are
+reported, while a changed model, data, loss or optimizer is refused unless ``--force``.
+
+While a training uses the folder it holds ``run.lock`` (pid and host), so a second training in the
+same folder refuses to start; a lock whose process is gone is taken over. A run that ends before its
+first checkpoint (a bad value, an unreadable image) removes what it wrote, so it can simply be rerun.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch.distributed as dist
 
@@ -26,8 +39,15 @@ RESUMABLE_CHANGES = {
 }
 
 
+RUN_FILES = ("config.yaml", "metrics.csv")
+# what a run writes into its folder's subfolders: the only files --force removes there
+RUN_OUTPUTS = {"checkpoints": ("*.pt", ".*.tmp[0-9]*"), "samples": ("*.png",), "plots": ("*.png",),
+               "tensorboard": ("events.out.tfevents.*",)}
+LOCK_NAME = "run.lock"
+
+
 class RunDirError(RuntimeError):
-    """The run folder cannot be used as asked (exists, not writable, config changed)."""
+    """The run folder cannot be used as asked (exists, not writable, config changed, in use)."""
 
 
 def default_run_dir(config_path: str, run_dir: str | None) -> Path:
@@ -64,8 +84,10 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], *, resume: bool, forc
         return state
     elif has_run and not force:
         raise RunDirError(f"run folder '{run_dir}' already holds a run. Use --resume to continue it, "
-                          f"--force to start over in it (its checkpoints will be overwritten), "
+                          f"--force to start over in it (its checkpoints, samples and metrics are removed), "
                           f"or --run-dir to pick another folder.")
+    elif has_run:
+        remove_previous_run(run_dir)
     check_writable(run_dir)
     if checkpoints.is_dir():
         remove_stale_temp_files(checkpoints)
@@ -131,3 +153,131 @@ def prepare_run(run_dir: Path, config: dict[str, Any], *, resume: bool, force: b
     if info.is_main or not flag[0]:
         return state
     return load_checkpoint(run_dir / "checkpoints" / "last.pt", kind=kind)
+
+
+def remove_previous_run(run_dir: Path) -> None:
+    """Delete what a previous run wrote into ``run_dir`` (see ``RUN_FILES`` and ``RUN_OUTPUTS``), saying what."""
+    removed = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+    for folder, patterns in RUN_OUTPUTS.items():
+        removed += [path for pattern in patterns for path in (run_dir / folder).glob(pattern) if path.is_file()]
+    for path in removed:
+        path.unlink()
+    for folder in RUN_OUTPUTS:
+        with contextlib.suppress(OSError):  # kept when the user put other files there
+            (run_dir / folder).rmdir()
+    if removed:
+        print(f"--force: removed the previous run's {len(removed)} files from {run_dir} (checkpoints, samples, "
+              f"plots, metrics, config).")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def acquire_lock(run_dir: Path) -> Path:
+    """Create ``run_dir/run.lock`` holding this pid and host (atomically, O_EXCL), or raise RunDirError naming
+    the process that holds it. A lock of a process on this host that no longer exists is taken over."""
+    path = run_dir / LOCK_NAME
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder is None or holder.get("host") != socket.gethostname() or _process_alive(holder["pid"]):
+                who = (f"process {holder['pid']} on host {holder['host']}" if holder is not None
+                       else "another process (its lock file is unreadable)")
+                raise RunDirError(f"run folder '{run_dir}' is in use by {who}: two trainings in one folder would "
+                                  f"overwrite each other. Wait for it to finish, stop it, or pick another folder "
+                                  f"with --run-dir; if that process is gone, delete {path}.") from None
+            print(f"note: taking over {path}, left by process {holder['pid']}, which no longer runs.")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(mine)
+        return path
+    raise RunDirError(f"could not take the lock {path}: another process keeps creating it. Pick another "
+                      f"folder with --run-dir.")
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+        return None
+    return holder
+
+
+def release_lock(path: Path) -> None:
+    """Remove the lock file if this process still holds it."""
+    holder = _read_lock(path)
+    if holder is not None and holder["pid"] == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path, info: DistInfo) -> Iterator[None]:
+    """Hold the run folder's lock (rank 0 only) while the body trains, and release it however the body ends.
+
+    A SIGTERM before the training loop takes over signals ends the process through this block too. If
+    the body fails before ``checkpoints/last.pt`` exists, the run files it created (see ``RUN_FILES`` and
+    ``RUN_OUTPUTS``) and the folder itself, when it made it, are removed again.
+    """
+    if not info.is_main:
+        yield
+        return
+    created = not run_dir.exists()
+    check_writable(run_dir)
+    before = {path.name for path in run_dir.iterdir()}
+    started = time.time_ns()
+    lock = acquire_lock(run_dir)
+    previous_handler = _exit_on_sigterm()
+    try:
+        yield
+    except BaseException:
+        if not (run_dir / "checkpoints" / "last.pt").exists():
+            _remove_new_run_files(run_dir, before, started)
+        raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        release_lock(lock)
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only when nothing is left in it
+
+
+def _exit_on_sigterm() -> Any:
+    """Make SIGTERM raise SystemExit(143) (so cleanup runs); returns the previous handler, None off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(143)
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _remove_new_run_files(run_dir: Path, before: set[str], started: int) -> None:
+    """Remove the run files and outputs written into ``run_dir`` since ``started`` (ns): new folders whole, files
+    in folders that were there before only when written since then."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_file() and (name not in before or path.stat().st_mtime_ns >= started):
+            path.unlink()
+    for name, patterns in RUN_OUTPUTS.items():
+        folder = run_dir / name
+        if name not in before:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        for path in (p for pattern in patterns for p in folder.glob(pattern)):
+            if path.is_file() and path.stat().st_mtime_ns >= started:
+                path.unlink()

@@ -13,7 +13,7 @@ from utils.config import ConfigError, describe, load_config
 from utils.device import device_type_of
 from utils.distributed import DistInfo, init_distributed, shutdown_distributed
 from utils.loop import TrainingStopped
-from utils.run_dir import RunDirError, default_run_dir
+from utils.run_dir import RunDirError, claim_run_dir, default_run_dir
 
 
 def training_parser(description: str, config_cls: type) -> argparse.ArgumentParser:
@@ -43,15 +43,18 @@ class _DescribeConfig(argparse.Action):
 def run_training(parser: argparse.ArgumentParser, config_cls: type, train: Callable[..., None],
                  argv: list[str] | None, user_errors: tuple[type[Exception], ...] = ()) -> None:
     """Parse the command line, load and check the config, and call ``train(cfg, run_dir, args, info)``
-    inside torch.distributed (when launched by torchrun), reporting user errors without a traceback."""
+    inside torch.distributed (when launched by torchrun) while holding the run folder (see
+    :func:`utils.run_dir.claim_run_dir`), reporting user errors without a traceback."""
     with clean_exit(*user_errors):
         args = parser.parse_args(argv)
         cfg = load_config(config_cls, args.config, args.overrides)
         for warning in cfg.validate():
             print(f"warning: {warning}", file=sys.stderr)
         info: DistInfo = init_distributed(device_type_of(cfg.train.device))
+        run_dir = default_run_dir(args.config, args.run_dir)
         try:
-            train(cfg, default_run_dir(args.config, args.run_dir), args, info)
+            with claim_run_dir(run_dir, info):
+                train(cfg, run_dir, args, info)
         finally:
             shutdown_distributed()
 

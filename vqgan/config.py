@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
-from utils.config import DataConfig, TrainConfig, check, opt, validate_data_and_train
-from vqgan.discriminator import Discriminator, DiscriminatorConfig
+from utils.config import (
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    building,
+    check,
+    check_counts,
+    check_fraction,
+    check_value,
+    opt,
+    validate_data_and_train,
+)
+from vqgan.discriminator import Discriminator, DiscriminatorConfig, logit_map_size
+from vqgan.encoder import level_sizes
 from vqgan.loss import LossConfig, VQGANLoss
 from vqgan.model import VQGAN, VQGANConfig
 
@@ -31,9 +43,15 @@ class Stage1Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: Stage1TrainConfig = field(default_factory=Stage1TrainConfig)
 
+    # sections that only a stage-2 config has: (stage, script, example config) for the error message
+    OTHER_STAGE: ClassVar[dict[str, tuple[str, str, str]]] = {
+        name: ("stage-2", "train_transformer.py", "configs/quickstart.yaml") for name in ("transformer", "sample")}
+
     def validate(self) -> list[str]:
         """Raise ConfigError on impossible values; return warnings about suspicious ones."""
         validate_data_and_train(self.data, self.train)
+        self._validate_model()
+        self._validate_disc_and_loss()
         factor = 2 ** (len(self.model.ch_mult) - 1)
         check(self.data.image_size % factor == 0,
               f"data.image_size={self.data.image_size} is not divisible by the downsample factor {factor} "
@@ -41,6 +59,15 @@ class Stage1Config:
               f"or change model.ch_mult.")
         check(self.model.codebook_size >= 2, f"model.codebook_size must be at least 2, got {self.model.codebook_size}.")
         check(self.model.beta >= 0, f"model.beta must be non-negative, got {self.model.beta}.")
+        try:
+            level_sizes(self.data.image_size, self.model.ch_mult, self.model.attn_resolutions)
+        except ValueError as err:
+            raise ConfigError(f"model.attn_resolutions={list(self.model.attn_resolutions)} does not fit "
+                               f"data.image_size={self.data.image_size}: {err}") from None
+        patch = logit_map_size(self.data.image_size, self.disc.n_layers)
+        check(patch >= 1, f"disc.n_layers={self.disc.n_layers} is too deep for data.image_size={self.data.image_size}: "
+                          f"the discriminator's logit map would be {patch}x{patch}. Use fewer layers, "
+                          f"e.g. disc.n_layers={self._deepest_disc()}, or larger images.")
         warnings = []
         if self.loss.disc_weight > 0 and self.loss.disc_start >= self.train.max_steps:
             warnings.append(f"loss.disc_start={self.loss.disc_start} is not below train.max_steps="
@@ -48,9 +75,47 @@ class Stage1Config:
                             f"or set loss.disc_weight=0 to silence this.")
         return warnings
 
+    def _validate_model(self) -> None:
+        m = self.model
+        check_counts("model", m, {"ch": 1, "num_res_blocks": 0, "z_channels": 1, "embed_dim": 1, "dead_code_steps": 0,
+                                  "usage_window": 1},
+                     {"ch": 64, "num_res_blocks": 2, "z_channels": 64, "embed_dim": 64, "usage_window": 100})
+        check_value("model.ch_mult", list(m.ch_mult), len(m.ch_mult) >= 1 and min(m.ch_mult) >= 1,
+                    "a non-empty list of positive multipliers", "[1,2,2]")
+        check_value("model.attn_resolutions", list(m.attn_resolutions), all(r >= 1 for r in m.attn_resolutions),
+                    "a list of positive feature-map sizes (or [])", "[8]")
+        check_fraction("model.dropout", m.dropout, 0.1)
+        check_fraction("model.ema_decay", m.ema_decay, 0.99)
+        check_value("model.ema_eps", m.ema_eps, m.ema_eps > 0, "positive", 1e-5)
+        if m.codebook_dim is not None:
+            check_value("model.codebook_dim", m.codebook_dim, 1 <= m.codebook_dim <= m.embed_dim,
+                        f"null or between 1 and model.embed_dim={m.embed_dim} (codes are looked up in a lower "
+                        f"dimension)", min(8, m.embed_dim))
+
+    def _validate_disc_and_loss(self) -> None:
+        check_counts("disc", self.disc, {"n_layers": 1, "ndf": 1}, {"n_layers": 3, "ndf": 64})
+        loss = self.loss
+        for key in ("rec_weight", "perceptual_weight", "codebook_weight", "disc_weight", "lecam_weight"):
+            value = getattr(loss, key)
+            check_value(f"loss.{key}", value, value >= 0, "0 or more", 1.0 if key != "lecam_weight" else 0.001)
+        check_counts("loss", loss, {"disc_start": 0, "disc_warmup_steps": 0}, {"disc_start": 10000,
+                                                                               "disc_warmup_steps": 1000})
+        check_value("loss.adaptive_weight_max", loss.adaptive_weight_max, loss.adaptive_weight_max > 0, "positive",
+                    1e4)
+        check_fraction("loss.lecam_decay", loss.lecam_decay, 0.999)
+        disc_lr = self.train.disc_lr
+        check_value("train.disc_lr", disc_lr, disc_lr is None or disc_lr > 0, "null (= train.lr) or positive", 2e-4)
+
+    def _deepest_disc(self) -> int:
+        layers = 1
+        while logit_map_size(self.data.image_size, layers + 1) >= 1:
+            layers += 1
+        return layers
+
 
 def build_stage1(cfg: Stage1Config) -> tuple[VQGAN, Discriminator, VQGANLoss]:
     """VQGAN, discriminator and loss exactly as the config describes them (weights from the global seed)."""
-    model = VQGAN(cfg.model, in_channels=cfg.data.channels, resolution=cfg.data.image_size)
-    disc = Discriminator(cfg.data.channels, cfg.disc)
-    return model, disc, VQGANLoss(cfg.loss)
+    with building("stage-1 model"):
+        model = VQGAN(cfg.model, in_channels=cfg.data.channels, resolution=cfg.data.image_size)
+        disc = Discriminator(cfg.data.channels, cfg.disc)
+        return model, disc, VQGANLoss(cfg.loss)

@@ -30,6 +30,13 @@ def _conv_out_size(size: int, stride: int) -> int:
     return (size + 2 * PADDING - KERNEL) // stride + 1
 
 
+def logit_map_size(size: int, n_layers: int) -> int:
+    """Side of the logit map of a discriminator with ``n_layers`` for an input side of ``size`` pixels."""
+    for _ in range(n_layers):
+        size = _conv_out_size(size, 2)
+    return _conv_out_size(_conv_out_size(size, 1), 1)
+
+
 @dataclass
 class DiscriminatorConfig:
     """The ``disc`` config section."""
@@ -77,9 +84,7 @@ class Discriminator(nn.Module):
 
     def output_size(self, size: int) -> int:
         """Side of the logit map for an input side of ``size`` pixels."""
-        for _ in range(self.n_layers):
-            size = _conv_out_size(size, 2)
-        return _conv_out_size(_conv_out_size(size, 1), 1)
+        return logit_map_size(size, self.n_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]

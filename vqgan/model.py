@@ -80,9 +80,16 @@ class VQGAN(nn.Module):
 
         ``source`` names the checkpoint in error messages.
         """
+        saved = state.get("model_config")
+        known = {f.name for f in dataclasses.fields(VQGANConfig)} | {"in_channels", "resolution"}
+        unknown = sorted(set(saved) - known) if isinstance(saved, dict) else []
+        if unknown:
+            raise CheckpointError(f"{source}: its model_config has the key(s) {', '.join(map(repr, unknown))}, which "
+                                  f"this version of the code does not know, so the model cannot be built. Use the "
+                                  f"version of the code that wrote the checkpoint.")
         try:
-            model = cls.from_model_config(state["model_config"])
-        except (TypeError, KeyError, ValueError) as err:
+            model = cls.from_model_config(saved)
+        except (TypeError, KeyError, ValueError, AttributeError) as err:
             raise CheckpointError(f"{source}: its model_config cannot be built by this version of the code "
                                   f"({err}). Was it written by another version or another program?") from err
         load_state_dict_checked(model, state.get("ema") or state["model"], source)
