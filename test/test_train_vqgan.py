@@ -274,3 +274,9 @@ def test_data_and_weight_file_errors_exit_cleanly(config: Path, tmp_path: Path, 
     missing = tmp_path / "vgg16.pth"
     err = fails(config, tmp_path / "run2", capsys, "loss.perceptual_weight=1.0", f"loss.lpips_vgg_path={missing}")
     assert err.startswith("error: ") and str(missing) in err and "loss.perceptual_weight=0" in err
+
+
+def test_overrides_may_come_before_and_after_options(config: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_vqgan.main(["--config", str(config), "train.max_steps=1", "--run-dir", str(run), "train.log_every=1"])
+    assert load_plain(run / "checkpoints" / "last.pt")["step"] == 1

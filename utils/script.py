@@ -46,7 +46,7 @@ def run_training(parser: argparse.ArgumentParser, config_cls: type, train: Calla
     inside torch.distributed (when launched by torchrun) while holding the run folder (see
     :func:`utils.run_dir.claim_run_dir`), reporting user errors without a traceback."""
     with clean_exit(*user_errors):
-        args = parser.parse_args(argv)
+        args = parser.parse_intermixed_args(argv)
         cfg = load_config(config_cls, args.config, args.overrides)
         for warning in cfg.validate():
             print(f"warning: {warning}", file=sys.stderr)
