@@ -33,7 +33,13 @@ from benchmarks.report import format_table, format_targets, write_json
 from benchmarks.runtime import optimized, reference
 from benchmarks.stage1 import Stage1Case
 from benchmarks.stage2 import GPTCase
-from benchmarks.taming_compare import INSTALL_HINT, Comparison, Stage1Comparison, reference_available, run_comparison
+from benchmarks.taming_compare import (
+    COMPARISONS,
+    INSTALL_HINT,
+    reference_available,
+    run_comparison,
+    vs_taming_targets,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 QUICKSTART = str(CONFIGS / "quickstart.yaml")
@@ -41,19 +47,7 @@ F16 = str(CONFIGS / "imagenet_f16.yaml")
 TINY_MODEL = ("model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[8]",
               "model.z_channels=4", "model.embed_dim=4", "model.codebook_size=16", "model.codebook_dim=4",
               "disc.ndf=8", "disc.n_layers=2", "data.image_size=16")
-FASHION_SMALL = str(CONFIGS / "fashion_mnist_small.yaml")
-# The reference's GroupNorm needs widths divisible by 32.
-TINY_REFERENCE_MODEL = ("model.ch=32", "model.ch_mult=[1,2]", "model.attn_resolutions=[8]", "model.z_channels=32",
-                        "model.embed_dim=8", "model.codebook_size=16", "disc.ndf=8", "disc.n_layers=2",
-                        "data.image_size=16")
 STAGE1_TARGET, SAMPLING_TARGET = 1.25, 10.0
-# Speed-ups over the official implementation that this repository aims for (2 CPU cores or a GPU).
-VS_TAMING_TARGETS = {"stage1/fashion_mnist_small/fp32": 2.0, "sampling": 3.0, "stage2_train/fp32": 1.5,
-                     "stage2_train/bf16": 2.5}
-CEILING_FRACTION = 1 / 3  # sampling within 3x of the arithmetic ceiling
-VS_TAMING_GPT = GPTCase(n_layer=8, n_head=8, n_embd=256, codebook_size=512, seq_len=64, train_batch=16,
-                        sample_batch=16, sample_tokens=64)
-
 
 @dataclass(frozen=True)
 class Scale:
@@ -68,7 +62,6 @@ class Scale:
     target_case: str
     stage1_at_target: bool
     sampling_at_target: bool
-    vs_taming: Comparison
 
 
 FULL_GPT = GPTCase(n_layer=8, n_head=8, n_embd=512, codebook_size=1024, seq_len=256, train_batch=8,
@@ -79,10 +72,7 @@ SCALES = {
                 Stage1Case("f16-64", F16, ("data.image_size=64",), 8),
                 Stage1Case("f16-128", F16, ("data.image_size=128",), 4)),
         gpt=FULL_GPT, reps=5, warmup=1, sampling_reps=3, warmup_tokens=8,
-        target_case="f16-64", stage1_at_target=True, sampling_at_target=True,
-        vs_taming=Comparison(stage1=(Stage1Comparison("fashion_mnist_small", FASHION_SMALL, (), 32),
-                                     Stage1Comparison("f16-64", F16, ("data.image_size=64",), 8)),
-                             gpt=VS_TAMING_GPT, top_k=100, reps=5, warmup=1)),
+        target_case="f16-64", stage1_at_target=True, sampling_at_target=True),
     "quick": Scale(
         stage1=(Stage1Case("quickstart", QUICKSTART, (), 8),
                 Stage1Case("f16-64", F16, ("data.image_size=64",), 2),
@@ -90,19 +80,14 @@ SCALES = {
         gpt=GPTCase(n_layer=8, n_head=8, n_embd=512, codebook_size=1024, seq_len=256, train_batch=2,
                     sample_batch=16, sample_tokens=64),
         reps=2, warmup=1, sampling_reps=2, warmup_tokens=4,
-        target_case="f16-64", stage1_at_target=True, sampling_at_target=False,
-        vs_taming=Comparison(stage1=(Stage1Comparison("fashion_mnist_small", FASHION_SMALL, (), 32),),
-                             gpt=VS_TAMING_GPT, top_k=100, reps=2, warmup=1)),
+        target_case="f16-64", stage1_at_target=True, sampling_at_target=False),
     "tiny": Scale(
         stage1=(Stage1Case("quickstart-tiny", QUICKSTART, TINY_MODEL, 2),
                 Stage1Case("f16-tiny", F16, TINY_MODEL, 2)),
         gpt=GPTCase(n_layer=2, n_head=2, n_embd=32, codebook_size=16, seq_len=16, train_batch=2,
                     sample_batch=4, sample_tokens=16),
         reps=1, warmup=1, sampling_reps=1, warmup_tokens=2,
-        target_case="f16-tiny", stage1_at_target=False, sampling_at_target=False,
-        vs_taming=Comparison(stage1=(Stage1Comparison("fashion_mnist_small", FASHION_SMALL, TINY_REFERENCE_MODEL, 2),),
-                             gpt=GPTCase(n_layer=2, n_head=2, n_embd=32, codebook_size=16, seq_len=16, train_batch=2,
-                                         sample_batch=4, sample_tokens=16), top_k=8, reps=1, warmup=1)),
+        target_case="f16-tiny", stage1_at_target=False, sampling_at_target=False),
 }
 
 NOTES = [
@@ -142,31 +127,11 @@ def _meta(device: torch.device, mode: str) -> dict[str, Any]:
     return meta
 
 
-def _vs_taming_targets(results: list[dict[str, Any]], ceiling: dict[str, Any] | None,
-                       at_target: bool) -> list[dict[str, Any]]:
-    """The speed-ups over the reference that this repository aims for, and sampling against the ceiling."""
-    if ceiling is None:
-        return []
-    targets = []
-    for result in results:
-        need = VS_TAMING_TARGETS.get(result.get("target", ""))
-        if need is not None:
-            targets.append({"name": f"{result['title']}: this repository over taming", "value": result["speedup"],
-                            "need": need, "met": result["speedup"] >= need, "at_target_size": at_target})
-    for result in (r for r in results if r.get("target") == "sampling"):
-        fraction = result["variants"]["this repository"]["per_s"] / ceiling["sampling_ceiling_tok_per_s"]
-        targets.append({"name": f"{result['title']}: fraction of the arithmetic ceiling "
-                                f"({ceiling['sampling_ceiling_tok_per_s']:.0f} tok/s)",
-                        "value": fraction, "need": round(CEILING_FRACTION, 2), "met": fraction >= CEILING_FRACTION,
-                        "at_target_size": at_target})
-    return targets
-
-
 def _targets(results: list[dict[str, Any]], scale: Scale, ceiling: dict[str, Any] | None) -> list[dict[str, Any]]:
     by_key = {result["key"]: result for result in results}
     stage1_value = by_key[f"stage1_train/{scale.target_case}/full"]["speedup"]
     sampling_value = by_key[f"sampling/{scale.gpt.name}"]["speedup"]
-    return _vs_taming_targets(results, ceiling, scale.sampling_at_target) + [
+    return vs_taming_targets(results, ceiling, scale.sampling_at_target) + [
         {"name": "stage-1 step with LPIPS+GAN at 64x64, optimized over straightforward", "value": stage1_value,
          "need": STAGE1_TARGET, "met": stage1_value >= STAGE1_TARGET, "at_target_size": scale.stage1_at_target},
         {"name": "KV-cache sampling over full recompute, 256 tokens, batch 16, 8-layer 512-wide GPT",
@@ -175,7 +140,8 @@ def _targets(results: list[dict[str, Any]], scale: Scale, ceiling: dict[str, Any
     ]
 
 
-def run(scale: Scale, device: torch.device, log: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def run(scale: Scale, mode: str, device: torch.device,
+        log: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """All benchmarks of ``scale``, in order, each printed to stderr as it completes; and the sampling
     ceiling measured beside the comparison with the reference (None when it is not installed)."""
     results: list[dict[str, Any]] = []
@@ -204,7 +170,7 @@ def run(scale: Scale, device: torch.device, log: bool = True) -> tuple[list[dict
         print(f"side-by-side with taming-transformers skipped: the reference is not installed ({INSTALL_HINT})",
               file=sys.stderr)
         return results, None
-    return results, run_comparison(scale.vs_taming, device, keep)
+    return results, run_comparison(COMPARISONS[mode], device, keep)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -222,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     device = torch.device(args.device)
     meta = _meta(device, mode)
-    results, ceiling = run(SCALES[mode], device, log=not args.tiny)
+    results, ceiling = run(SCALES[mode], mode, device, log=not args.tiny)
     if hasattr(os, "getloadavg"):
         meta["load_average_end"] = os.getloadavg()
     meta["vs_taming"] = ceiling if ceiling is not None else "skipped: taming-transformers is not installed"

@@ -26,17 +26,19 @@ on both sides.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks.report import record
+from benchmarks.report import format_table, format_targets, record, write_json
 from benchmarks.stage2 import GPTCase, training_settings
 from benchmarks.timing import time_alternating
 from transformer import sample_tokens
@@ -47,6 +49,10 @@ from utils.training import make_adam
 from vqgan.config import Stage1Config, build_stage1
 from vqgan.training import stage1_step
 
+# Speed-ups over the official implementation that this repository aims for (2 CPU cores or a GPU).
+VS_TAMING_TARGETS = {"stage1/fashion_mnist_small/fp32": 2.0, "sampling": 3.0, "stage2_train/fp32": 1.5,
+                     "stage2_train/bf16": 2.5}
+CEILING_FRACTION = 1 / 3  # sampling within 3x of the arithmetic ceiling
 REFERENCE_PACKAGE = "taming"
 INSTALL_HINT = "pip install --no-deps taming-transformers-rom1504 einops requests"
 
@@ -257,6 +263,25 @@ class Comparison:
     warmup: int
 
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+FASHION_SMALL, F16 = str(CONFIGS / "fashion_mnist_small.yaml"), str(CONFIGS / "imagenet_f16.yaml")
+GPT_8x256 = GPTCase(n_layer=8, n_head=8, n_embd=256, codebook_size=512, seq_len=64, train_batch=16, sample_batch=16,
+                    sample_tokens=64)
+# The reference's GroupNorm needs widths divisible by 32.
+TINY_MODEL = ("model.ch=32", "model.ch_mult=[1,2]", "model.attn_resolutions=[8]", "model.z_channels=32",
+              "model.embed_dim=8", "model.codebook_size=16", "disc.ndf=8", "disc.n_layers=2", "data.image_size=16")
+COMPARISONS = {
+    "full": Comparison(stage1=(Stage1Comparison("fashion_mnist_small", FASHION_SMALL, (), 32),
+                               Stage1Comparison("f16-64", F16, ("data.image_size=64",), 8)),
+                       gpt=GPT_8x256, top_k=100, reps=5, warmup=1),
+    "quick": Comparison(stage1=(Stage1Comparison("fashion_mnist_small", FASHION_SMALL, (), 32),),
+                        gpt=GPT_8x256, top_k=100, reps=2, warmup=1),
+    "tiny": Comparison(stage1=(Stage1Comparison("fashion_mnist_small", FASHION_SMALL, TINY_MODEL, 2),),
+                       gpt=GPTCase(n_layer=2, n_head=2, n_embd=32, codebook_size=16, seq_len=16, train_batch=2,
+                                   sample_batch=4, sample_tokens=16), top_k=8, reps=1, warmup=1),
+}
+
+
 def run_comparison(scale: Comparison, device: torch.device, keep: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Every side-by-side benchmark of ``scale`` (results passed to ``keep``) and the sampling ceiling."""
     ref = import_reference()
@@ -270,3 +295,61 @@ def run_comparison(scale: Comparison, device: torch.device, keep: Callable[[dict
     per_token = decode_gflop_per_token(scale.gpt, device)
     return {"gemm_peak_gflop_per_s": peak, "decode_gflop_per_token": per_token,
             "sampling_ceiling_tok_per_s": peak / per_token}
+
+
+def vs_taming_targets(results: list[dict[str, Any]], ceiling: dict[str, Any] | None,
+                       at_target: bool) -> list[dict[str, Any]]:
+    """The speed-ups over the reference that this repository aims for, and sampling against the ceiling."""
+    if ceiling is None:
+        return []
+    targets = []
+    for result in results:
+        need = VS_TAMING_TARGETS.get(result.get("target", ""))
+        if need is not None:
+            targets.append({"name": f"{result['title']}: this repository over taming", "value": result["speedup"],
+                            "need": need, "met": result["speedup"] >= need, "at_target_size": at_target})
+    for result in (r for r in results if r.get("target") == "sampling"):
+        fraction = result["variants"]["this repository"]["per_s"] / ceiling["sampling_ceiling_tok_per_s"]
+        targets.append({"name": f"{result['title']}: fraction of the arithmetic ceiling "
+                                f"({ceiling['sampling_ceiling_tok_per_s']:.0f} tok/s)",
+                        "value": fraction, "need": round(CEILING_FRACTION, 2), "met": fraction >= CEILING_FRACTION,
+                        "at_target_size": at_target})
+    return targets
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Only the side-by-side part: ``python -m benchmarks.taming_compare [--quick] [--out FILE]``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and cases")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but CUDA is not available; use --device cpu.")
+    if not reference_available():
+        print(f"skipped: taming-transformers is not installed ({INSTALL_HINT})")
+        return None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    device = torch.device(args.device)
+    results: list[dict[str, Any]] = []
+    ceiling = run_comparison(COMPARISONS[mode], device, results.append)
+    report = {"meta": {"mode": mode, "device": str(device), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, **ceiling},
+              "results": results, "targets": vs_taming_targets(results, ceiling, mode == "full")}
+    print(f"This repository against taming-transformers ({mode}) on {device}, {torch.get_num_threads()} threads")
+    print(format_table(results))
+    print(format_targets(report["targets"]))
+    print(f"note: GEMM ceiling {ceiling['gemm_peak_gflop_per_s']:.0f} GFLOP/s, "
+          f"{ceiling['decode_gflop_per_token'] * 1e3:.1f} MFLOP per decoded token")
+    if args.out is not None:
+        write_json(report, args.out)
+        print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
