@@ -33,7 +33,7 @@ def stage2_step(prior: VQGANPrior, optimizer: torch.optim.Optimizer,
     ``train_prior`` is the module to run forward (a DDP or compiled wrapper of ``prior``; default:
     ``prior``).
     """
-    train_prior = train_prior or prior
+    train_prior = prior if train_prior is None else train_prior  # a compiled module has no truth value
     device = micro_batches[0][0].device
     sync_free = reads_stall(device) if sync_free is None else sync_free
     optimizer.zero_grad(set_to_none=True)

@@ -25,6 +25,20 @@ def make_adam(params: Any, lr: float, betas: tuple[float, float], weight_decay: 
                              fused=device.type == "cuda")
 
 
+def compile_module(module: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(module)`` as the training steps need it.
+
+    The stage-1 step takes the adaptive weight's last-layer gradients with ``retain_graph=True`` before
+    its one full backward; a compiled backward allows that only without donated buffers, so they are
+    turned off (a process-wide setting of torch.compile).
+    """
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
+    return torch.compile(module)
+
+
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak lr at ``step``: linear warmup, then constant or cosine to ``min_ratio``."""
     if warmup_steps > 0 and step < warmup_steps:

@@ -54,8 +54,8 @@ def stage1_step(model: VQGAN, disc: Discriminator, loss_fn: VQGANLoss, opt_ae: t
     ``train_model`` / ``train_disc`` are the modules to run forward (DDP or compiled wrappers of
     ``model`` / ``disc``; default: the bare ones). The learning rates are the caller's to set.
     """
-    train_model = train_model or model
-    train_disc = train_disc or disc
+    train_model = model if train_model is None else train_model  # a compiled module has no truth value
+    train_disc = disc if train_disc is None else train_disc
     device = micro_batches[0].device
     sync_free = reads_stall(device) if sync_free is None else sync_free
     opt_ae.zero_grad(set_to_none=True)
