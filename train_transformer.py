@@ -37,16 +37,7 @@ from utils.loop import BadStepTracker, StopSignal, is_due
 from utils.pictures import plot_training_curves, save_grid
 from utils.run_dir import RunDirError, prepare_run
 from utils.script import run_training, training_parser
-from utils.training import (
-    ModelEMA,
-    autocast,
-    compile_module,
-    count_parameters,
-    lr_factor,
-    make_adam,
-    set_lr,
-    set_seed,
-)
+from utils.training import ModelEMA, autocast, compile_module, count_parameters, lr_factor, make_adam, set_lr, set_seed
 from vqgan import VQGAN
 
 KIND = "transformer"
