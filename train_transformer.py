@@ -38,7 +38,7 @@ from utils.loop import BadStepTracker, StopSignal, is_due
 from utils.pictures import class_rows, plot_training_curves, save_grid
 from utils.run_dir import RunDirError, prepare_run
 from utils.script import run_training, training_parser
-from utils.training import ModelEMA, autocast, count_parameters, lr_factor, make_adam, set_lr, set_seed
+from utils.training import ModelEMA, autocast, compile_module, count_parameters, lr_factor, make_adam, set_lr, set_seed
 from vqgan import VQGAN
 
 KIND = "transformer"
@@ -97,7 +97,7 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
 
     train_prior = wrap_ddp(prior, info, device)
     if cfg.train.compile:
-        train_prior = torch.compile(train_prior)
+        train_prior = compile_module(train_prior)
     loader = build_loader(TensorDataset(indices, labels), cfg.train.batch_size, shuffle=True,
                           device_type=device.type, seed=cfg.train.seed, distributed=info.enabled)
     batches = infinite_batches(loader, start_step=start_step * cfg.train.grad_accum)
@@ -163,7 +163,7 @@ def to_device(batch: list[torch.Tensor], class_conditional: bool,
               device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A loader batch of (indices, labels) on ``device``; labels only for a class-conditional prior."""
     indices, labels = batch
-    return indices.to(device, non_blocking=True), labels.to(device) if class_conditional else None
+    return indices.to(device, non_blocking=True), labels.to(device, non_blocking=True) if class_conditional else None
 
 
 def save(run_dir: Path, step: int, periodic: bool, config: dict, prior: VQGANPrior, optimizer: torch.optim.Optimizer,

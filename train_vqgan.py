@@ -33,7 +33,7 @@ from utils.loop import BadStepTracker, StopSignal, is_due
 from utils.pictures import plot_training_curves, save_reconstruction_grid
 from utils.run_dir import prepare_run
 from utils.script import run_training, training_parser
-from utils.training import ModelEMA, autocast, count_parameters, lr_factor, make_adam, set_lr, set_seed
+from utils.training import ModelEMA, autocast, compile_module, count_parameters, lr_factor, make_adam, set_lr, set_seed
 from vqgan import VQGAN, Discriminator, VQGANLoss
 from vqgan.config import Stage1Config, build_stage1
 from vqgan.lpips import LPIPSWeightsError, LPIPSWeightsMismatchError
@@ -90,7 +90,7 @@ def train(cfg: Stage1Config, run_dir: Path, args: argparse.Namespace, info: Dist
     train_model = wrap_ddp(model, info, device, sync_buffers_every_step=False)  # the quantizer syncs its own
     train_disc = wrap_ddp(disc, info, device)
     if cfg.train.compile:
-        train_model, train_disc = torch.compile(train_model), torch.compile(train_disc)
+        train_model, train_disc = compile_module(train_model), compile_module(train_disc)
     loader = build_loader(train_set, cfg.train.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
                           device_type=device.type, seed=cfg.train.seed, distributed=info.enabled)
     batches = infinite_batches(loader, start_step=start_step * cfg.train.grad_accum)

@@ -21,7 +21,9 @@ from benchmarks.stage1 import build_setup, straightforward_step, training_step
 from benchmarks.taming_compare import top_k_top_p_filtering
 from transformer import GPT, filter_logits, sample_tokens
 from utils.config import load_config
+from utils.logging import as_floats
 from vqgan.config import Stage1Config
+from vqgan.training import stage1_step
 
 TINY_OVERRIDES = ["data.image_size=16", "model.ch=8", "model.ch_mult=[1,2]", "model.attn_resolutions=[8]",
                   "model.z_channels=4", "model.embed_dim=4", "model.codebook_size=16", "model.codebook_dim=null",
@@ -167,3 +169,20 @@ def test_side_by_side_with_the_reference_runs(tmp_path, capsys) -> None:
         assert set(result["variants"]) == {"this repository", "taming"} and result["speedup"] > 0
     assert report["meta"]["vs_taming"]["sampling_ceiling_tok_per_s"] > 0
     assert sum("over taming" in t["name"] for t in report["targets"]) == 4
+
+
+def test_stage1_step_through_torch_compile_gives_the_eager_losses() -> None:
+    """The models wrapped as ``train.compile=true`` wraps them; the ``aot_eager`` backend traces them with
+    dynamo and AOTAutograd as inductor would, without generating code, so this runs quickly on a CPU."""
+    batches = [images(4) for _ in range(2)]
+    logs = {}
+    for compiled in (False, True):
+        model, disc, loss = tiny_models()
+        opt_ae, opt_disc = (torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (model, disc))
+        wrap = (lambda m: torch.compile(m, backend="aot_eager")) if compiled else (lambda m: m)
+        train_model, train_disc = wrap(model), wrap(disc)
+        logs[compiled] = [as_floats(stage1_step(model, disc, loss, opt_ae, opt_disc, [x], step, grad_clip=1.0,
+                                                train_model=train_model, train_disc=train_disc))
+                          for step, x in enumerate(batches)]
+    for eager, compiled in zip(logs[False], logs[True]):
+        assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-6)  # decompositions round differently

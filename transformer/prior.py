@@ -24,6 +24,7 @@ from transformer.gpt import GPT
 from transformer.sampling import SamplingConfig, sample_tokens
 from utils.checkpoint import CheckpointError, load_state_dict_checked
 from utils.config import opt
+from utils.device import reads_stall
 
 Labels = int | Sequence[int] | torch.Tensor
 
@@ -146,7 +147,10 @@ class VQGANPrior(nn.Module):
         if labels is None:
             raise ValueError(f"this prior is class-conditional; pass a class id in 0..{self.num_classes - 1} "
                              "for every sequence.")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+        # The range is checked where reading it is free (sampling passes CPU labels); a training step on
+        # CUDA must not wait for the GPU, and an id out of range fails in the embedding there instead.
+        if labels.numel() and not reads_stall(labels.device) and (
+                int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
             raise ValueError(f"class id {bad} is out of range: this prior has {self.num_classes} classes, "
                              f"use ids 0..{self.num_classes - 1}.")

@@ -39,6 +39,12 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def reads_stall(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host (``float()``, ``.item()``, ``bool()``) waits for the
+    work queued on ``device``: everywhere but on the CPU, which computes in the calling thread."""
+    return device.type != "cpu"
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere it is emulated and slow."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

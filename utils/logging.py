@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from utils.loop import BadStepTracker, finish_message
+from utils.training import NonFiniteCheck
 
 try:
     from torch.utils.tensorboard import SummaryWriter
@@ -74,11 +76,15 @@ class TrainingLog:
     """The progress bar, ``metrics.csv`` and non-finite step count of a training run; only the main
     process shows and writes.
 
-    :meth:`step` is called after every optimizer step with the step's logs. A skipped step (logs
-    ``{"nonfinite": name}``) is announced and counted by ``bad_steps`` (which stops training after too
-    many in a row). On log steps it adds the learning rate, the throughput (``items_per_s`` since the
-    previous log step) and ``bad_steps``, shows ``postfix_keys`` on the bar and writes the values whose
-    names are ``columns``.
+    :meth:`step` is called after every optimizer step with the step's logs, whose values may be
+    tensors on the device: they are read (converted to floats, which waits for the GPU on CUDA) only
+    on log steps. A skipped step (logs ``{"nonfinite": name}``) is announced and counted by
+    ``bad_steps`` (which stops training after too many in a row). A step that carries its non-finite
+    check on the device (a :class:`utils.training.NonFiniteCheck`, as the training steps return on
+    CUDA) is accounted for at the next log step, so on CUDA a run of bad steps is announced, and
+    training stopped, at the log step after it happened. On log steps it adds the learning rate,
+    the throughput (``items_per_s`` since the previous log step) and ``bad_steps``, shows
+    ``postfix_keys`` on the bar and writes the values whose names are ``columns``.
     """
 
     def __init__(self, run_dir: Path, columns: list[str], *, start_step: int, max_steps: int, log_every: int,
@@ -92,6 +98,7 @@ class TrainingLog:
                         file=sys.stdout)
         self.started = self.window_start = self.last_step_end = time.perf_counter()
         self.window_items, self.steps_run = 0, 0
+        self.unchecked: list[tuple[int, NonFiniteCheck | str | None]] = []
 
     def __enter__(self) -> TrainingLog:
         return self
@@ -99,20 +106,21 @@ class TrainingLog:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def step(self, step: int, logs: dict[str, float], lr: float) -> None:
+    def step(self, step: int, logs: dict[str, Any], lr: float) -> None:
         """Account for optimizer step ``step`` (1-based), taken at learning rate ``lr``, and log ``logs``
         when it is a log step."""
-        skipped = self.bad_steps.record(step, logs.pop("nonfinite", None))
-        if skipped:
-            self.write(skipped)
-        else:
-            logs["lr"] = lr
+        cause = logs.pop("nonfinite", None)
+        self.unchecked.append((step, cause))
+        log_step = step % self.log_every == 0 or step == self.max_steps
+        if log_step or not isinstance(cause, NonFiniteCheck):
+            cause = self._check_steps()
         self.window_items += self.items_per_step
         self.steps_run += 1
         self.last_step_end = time.perf_counter()
         self.bar.update(1)
-        if step % self.log_every and step != self.max_steps:
+        if not log_step:
             return
+        logs = {} if cause is not None else {**as_floats(logs), "lr": lr}
         elapsed = time.perf_counter() - self.window_start
         logs = {**logs, "items_per_s": self.window_items / max(elapsed, 1e-9),
                 "bad_steps": float(self.bad_steps.total)}
@@ -120,6 +128,18 @@ class TrainingLog:
         self.bar.set_postfix({k: f"{logs[k]:.4g}" for k in self.postfix_keys if k in logs})
         if self.metrics is not None:
             self.metrics.log(step, {k: v for k, v in logs.items() if k in self.columns})
+
+    def _check_steps(self) -> str | None:
+        """Tell ``bad_steps`` about the steps not yet accounted for (reading device checks); the cause of
+        the latest one's skip, or None."""
+        unchecked, self.unchecked = self.unchecked, []
+        cause = None
+        for step, check in unchecked:
+            cause = check.cause() if isinstance(check, NonFiniteCheck) else check
+            skipped = self.bad_steps.record(step, cause)
+            if skipped:
+                self.write(skipped)
+        return cause
 
     def finish(self, device: Any, checkpoint: Path) -> None:
         """Print the closing line: steps run, time per step (the steps only, not the last checkpoint and
@@ -138,6 +158,11 @@ class TrainingLog:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+
+
+def as_floats(logs: dict[str, Any]) -> dict[str, Any]:
+    """A step's logs with tensor values read as Python floats (on CUDA this waits for the GPU)."""
+    return {key: float(value) if isinstance(value, torch.Tensor) else value for key, value in logs.items()}
 
 
 def _format(value: Any) -> Any:

@@ -1,5 +1,11 @@
 """Pieces both training steps and both training scripts use: optimizer and learning-rate schedule,
-autocast, gradient clipping, micro-batch gradient sync, weight EMA, and undoing a skipped step."""
+autocast, gradient clipping, micro-batch gradient sync, weight EMA, and undoing a skipped step.
+
+A skipped (non-finite) step can be undone without reading anything on the host: the check is a
+device flag (:class:`NonFiniteCheck`), and :meth:`TensorSnapshot.restore`, :func:`optimizer_step`
+and :meth:`ModelEMA.update` take that flag and act on the device, so a CUDA step queues its work
+and returns while the GPU is still computing.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,20 @@ def make_adam(params: Any, lr: float, betas: tuple[float, float], weight_decay: 
     """AdamW, fused on CUDA."""
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
                              fused=device.type == "cuda")
+
+
+def compile_module(module: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(module)`` as the training steps need it.
+
+    The stage-1 step takes the adaptive weight's last-layer gradients with ``retain_graph=True`` before
+    its one full backward; a compiled backward allows that only without donated buffers, so they are
+    turned off (a process-wide setting of torch.compile).
+    """
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
+    return torch.compile(module)
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float) -> float:
@@ -49,19 +69,49 @@ def grad_sync(module: torch.nn.Module, last_micro_batch: bool) -> contextlib.Abs
 
 
 def clip_gradients(module: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip the gradient norm of ``module``'s parameters to ``max_norm`` (0 = no clipping); the norm before."""
+    """Clip the gradient norm of ``module``'s parameters to ``max_norm`` (0 = no clipping); the norm before,
+    a 0-d tensor on the parameters' device (0 when no parameter has a gradient)."""
     params = [p for p in module.parameters() if p.grad is not None]
     if not params:
-        return torch.zeros(())
+        return torch.zeros((), device=next(module.parameters(), torch.zeros(())).device)
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
 
 
-def first_nonfinite(values: dict[str, float | torch.Tensor]) -> str | None:
-    """Name of the first value that is NaN or infinite, or None."""
-    for name, value in values.items():
-        if not math.isfinite(float(value)):
-            return name
-    return None
+class NonFiniteCheck:
+    """Which of a step's named values (losses, gradient norms; 0-d tensors on one device) are NaN or
+    infinite, computed on the device.
+
+    :attr:`found` is a 0-d bool tensor that the skipping helpers of this module take as it is;
+    :meth:`cause` reads the flags on the host, which waits for the device on CUDA.
+    """
+
+    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+        self.names = list(values)
+        self.flags = ~torch.isfinite(torch.stack([value.detach().double() for value in values.values()]))
+        self.found = self.flags.any()
+
+    def cause(self) -> str | None:
+        """Name of the first non-finite value, or None."""
+        return next((name for name, bad in zip(self.names, self.flags.tolist()) if bad), None)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor | None = None) -> None:
+    """``optimizer.step()``, left out where the 0-d bool tensor ``skip`` is true.
+
+    Optimizers that take an inf/NaN flag the way ``torch.amp.GradScaler`` hands it over (fused
+    Adam and AdamW: ``found_inf``) skip on the device: weights, moments and step count stay as they
+    were, and nothing is read on the host. Others read ``skip`` on the host first.
+    """
+    if skip is None:
+        optimizer.step()
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not bool(skip):
+        optimizer.step()
 
 
 class ModelEMA:
@@ -72,11 +122,20 @@ class ModelEMA:
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
+    def update(self, module: torch.nn.Module, skip: torch.Tensor | None = None) -> None:
+        """Move the average towards ``module``'s weights and copy its buffers; where the 0-d bool tensor
+        ``skip`` is true, leave everything as it is (decided on the device)."""
+        if skip is None:
+            for ema_p, p in zip(self.module.parameters(), module.parameters()):
+                ema_p.lerp_(p.detach(), 1 - self.decay)
+            for ema_b, b in zip(self.module.buffers(), module.buffers()):
+                ema_b.copy_(b)
+            return
+        weight = torch.where(skip, 0.0, 1 - self.decay)
         for ema_p, p in zip(self.module.parameters(), module.parameters()):
-            ema_p.lerp_(p.detach(), 1 - self.decay)
+            ema_p.lerp_(p.detach(), weight.to(ema_p.dtype))
         for ema_b, b in zip(self.module.buffers(), module.buffers()):
-            ema_b.copy_(b)
+            ema_b.copy_(torch.where(skip, ema_b, b))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -94,9 +153,11 @@ class TensorSnapshot:
         self.saved = [t.detach().clone() for t in tensors]
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def restore(self, where: torch.Tensor | None = None) -> None:
+        """Put the saved values back; only where the 0-d bool tensor ``where`` is true, if given (decided
+        on the device, so the caller need not read it)."""
         for tensor, saved in zip(self.tensors, self.saved):
-            tensor.copy_(saved)
+            tensor.copy_(saved if where is None else torch.where(where, saved, tensor))
 
 
 def set_seed(seed: int) -> None:

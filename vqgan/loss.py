@@ -187,8 +187,11 @@ class VQGANLoss(nn.Module):
         last_layer: torch.Tensor,
         step: int,
         scale: float = 1.0,
-    ) -> dict[str, float]:
-        """Backpropagate ``scale`` * autoencoder loss into the autoencoder; return the terms as floats.
+    ) -> dict[str, torch.Tensor | float]:
+        """Backpropagate ``scale`` * autoencoder loss into the autoencoder; return the terms.
+
+        The terms are float64 0-d tensors on the device (read them with ``float()`` when they are
+        logged, not every step: on CUDA a read waits for the GPU); ``gan_factor`` is a float.
 
         ``last_layer`` is the weight of the decoder's final convolution. The discriminator runs only
         when ``gan_factor(step) > 0`` and its parameters receive no gradients (pass the bare module,
@@ -208,8 +211,10 @@ class VQGANLoss(nn.Module):
                 g_loss = self.g_loss_fn(discriminator(reconstruction).float())
         weight = self._backward(reconstruction, nll, codebook_loss, g_loss, factor, last_layer, scale)
         terms = (rec, perceptual, codebook_loss, g_loss, weight)
-        values = torch.stack([t.detach().float() for t in terms]).tolist()
-        logs = dict(zip(("rec_loss", "p_loss", "codebook_loss", "g_loss", "d_weight"), values))
+        # fp32 values, combined in float64 as Python floats would be.
+        values = torch.stack([t.detach().float() for t in terms]).double().unbind()
+        logs: dict[str, torch.Tensor | float] = dict(zip(("rec_loss", "p_loss", "codebook_loss", "g_loss",
+                                                          "d_weight"), values))
         logs["total"] = (
             self.rec_weight * logs["rec_loss"]
             + self.perceptual_weight * logs["p_loss"]
@@ -249,8 +254,9 @@ class VQGANLoss(nn.Module):
 
     def discriminator_loss(
         self, inputs: torch.Tensor, reconstruction_detached: torch.Tensor, discriminator: nn.Module
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """GAN loss of the discriminator on real images vs detached reconstructions (+ LeCam term).
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """GAN loss of the discriminator on real images vs detached reconstructions (+ LeCam term), and
+        its terms and mean logits as float64 0-d tensors on the device.
 
         Call it only from ``disc_start`` on (``gan_factor(step) > 0``). In training mode the LeCam
         anchors are updated with this batch's mean logits before the regulariser is computed.
@@ -266,4 +272,4 @@ class VQGANLoss(nn.Module):
         loss = d_loss + self.lecam_weight * lecam
         values = torch.stack([t.detach() for t in (loss, d_loss, lecam, logits_real.mean(), logits_fake.mean())])
         keys = ("disc_loss", "d_loss", "lecam_loss", "logits_real", "logits_fake")
-        return loss, dict(zip(keys, values.tolist()))
+        return loss, dict(zip(keys, values.double().unbind()))

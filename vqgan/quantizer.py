@@ -8,7 +8,8 @@ buffers, so they are saved in and restored from ``state_dict``.
 A training forward only accumulates this step's code counts; :meth:`VectorQuantizer.end_step`, called
 once per optimizer step after its backward passes (the stage-1 step does), moves them into the usage
 window and restarts dead codes. With gradient accumulation the window and ``dead_code_steps``
-therefore count optimizer steps, not micro-batches.
+therefore count optimizer steps, not micro-batches. Nothing in a training forward or in ``end_step``
+reads a value on the host on CUDA (see ``sync_free``), so a training step never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.config import opt
+from utils.device import reads_stall
 
 
 class QuantizerOutput(NamedTuple):
@@ -53,18 +55,30 @@ class QuantizerConfig:
     usage_window: int = opt(100, "optimizer steps of indices kept for the codebook-usage statistic")
 
 
-def usage_and_perplexity(counts: torch.Tensor) -> tuple[float, float]:
-    """Fraction of codes used at least once and ``exp(entropy)`` of a histogram of code counts.
+def code_statistics(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fraction of codes used at least once and ``exp(entropy)`` of a histogram of code counts, as
+    float64 0-d tensors on the histogram's device (nothing is read on the host).
 
-    ``counts`` has one entry per code. An empty histogram gives ``(0.0, 0.0)``.
+    ``counts`` has one entry per code. An empty histogram gives ``(0, 0)``.
     """
     counts = counts.detach().double().flatten()
     total = counts.sum()
-    if total <= 0:
-        return 0.0, 0.0
-    probs = counts[counts > 0] / total
-    entropy = -(probs * probs.log()).sum()
-    return float((counts > 0).double().mean()), float(entropy.exp())
+    used = counts > 0
+    if reads_stall(counts.device):
+        # Selecting the used codes would wait for the device to count them: mask instead (the same
+        # terms, summed in another order).
+        probs = counts / total
+        terms = torch.where(used, probs * probs.log(), 0.0)
+    else:
+        probs = counts[used] / total
+        terms = probs * probs.log()
+    return used.double().mean(), torch.where(total > 0, (-terms.sum()).exp(), 0.0)
+
+
+def usage_and_perplexity(counts: torch.Tensor) -> tuple[float, float]:
+    """:func:`code_statistics` as Python floats."""
+    usage, perplexity = code_statistics(counts)
+    return float(usage), float(perplexity)
 
 
 def _distributed() -> bool:
@@ -188,25 +202,33 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _record(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
         """Training-forward bookkeeping: EMA codes, and this batch's counts and vectors for :meth:`end_step`."""
-        counts = torch.bincount(indices, minlength=self.codebook_size)
+        # index_add_ rather than bincount, which reads the largest index on the host on CUDA.
+        counts = torch.zeros(self.codebook_size, dtype=torch.long, device=indices.device)
+        counts.index_add_(0, indices, torch.ones_like(indices))
         if self.ema:
             self._ema_update(flat, indices, _all_reduce_sum(counts.clone()))
         self.step_counts += counts
         self.recent_vectors = flat
 
     @torch.no_grad()
-    def end_step(self) -> None:
+    def end_step(self, sync_free: bool | None = None) -> None:
         """Close one optimizer step: its code counts (summed over micro-batches and ranks) enter the
         usage window, and codes unused for ``dead_code_steps`` steps are re-seeded from the latest
         encoder outputs. Call it once per optimizer step, after the step's backward passes and before
-        ``optimizer.step()`` (restarted codes then take the update as they always did)."""
+        ``optimizer.step()`` (restarted codes then take the update as they always did).
+
+        ``sync_free`` (default: on devices other than the CPU) re-seeds dead codes without counting
+        them on the host; see :meth:`_restart_dead_codes`.
+        """
         counts = _all_reduce_sum(self.step_counts.clone())
         self.step_counts.zero_()
-        self.usage_counts[int(self.usage_steps) % self.usage_window] = counts.to(self.usage_counts.dtype)
+        row = torch.arange(self.usage_window, device=counts.device) == self.usage_steps % self.usage_window
+        self.usage_counts.copy_(torch.where(row.unsqueeze(1), counts.to(self.usage_counts.dtype), self.usage_counts))
         self.usage_steps += 1
         self.steps_since_used.add_(1).masked_fill_(counts > 0, 0)
         if self.dead_code_steps > 0 and self.recent_vectors is not None:
-            self._restart_dead_codes(self.recent_vectors)
+            sync_free = reads_stall(counts.device) if sync_free is None else sync_free
+            self._restart_dead_codes(self.recent_vectors, sync_free)
         self.recent_vectors = None
 
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
@@ -223,21 +245,36 @@ class VectorQuantizer(nn.Module):
         smoothed = (self.ema_cluster_size + self.ema_eps) / (total + self.codebook_size * self.ema_eps) * total
         self.codebook.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
 
-    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
-        """Re-seed codes unused for ``dead_code_steps`` steps with random vectors of this batch."""
+    def _restart_dead_codes(self, flat: torch.Tensor, sync_free: bool) -> None:
+        """Re-seed codes unused for ``dead_code_steps`` steps with random vectors of this batch.
+
+        The host way counts the dead codes and draws one vector for each. The ``sync_free`` way draws a
+        vector for every code and keeps it only where the code is dead, so the count is never read
+        (it draws from the random generator differently, which is why the CPU keeps the host way).
+        """
         dead = self.steps_since_used >= self.dead_code_steps
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return
-        picks = torch.randint(0, flat.shape[0], (num_dead,), device=flat.device)
-        seeds = flat[picks].to(self.codebook.dtype).contiguous()
-        if _distributed():
-            dist.broadcast(seeds, src=0)
-        self.codebook.data[dead] = seeds
-        self.steps_since_used[dead] = 0
+        if sync_free:
+            picks = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
+            seeds = flat.index_select(0, picks).to(self.codebook.dtype)
+            if _distributed():
+                dist.broadcast(seeds, src=0)
+            self.codebook.data.copy_(torch.where(dead.unsqueeze(1), seeds, self.codebook.data))
+            if self.ema:
+                self.ema_embed_sum.copy_(torch.where(dead.unsqueeze(1), seeds, self.ema_embed_sum))
+        else:
+            num_dead = int(dead.sum())
+            if num_dead == 0:
+                return
+            picks = torch.randint(0, flat.shape[0], (num_dead,), device=flat.device)
+            seeds = flat[picks].to(self.codebook.dtype).contiguous()
+            if _distributed():
+                dist.broadcast(seeds, src=0)
+            self.codebook.data[dead] = seeds
+            if self.ema:
+                self.ema_embed_sum[dead] = seeds
+        self.steps_since_used.masked_fill_(dead, 0)
         if self.ema:
-            self.ema_cluster_size[dead] = 1.0
-            self.ema_embed_sum[dead] = seeds
+            self.ema_cluster_size.masked_fill_(dead, 1.0)
 
     def nearest_indices(self, z: torch.Tensor) -> torch.Tensor:
         """Code indices [B, H, W] for latents [B, embed_dim, H, W], without touching any statistics."""
@@ -261,17 +298,22 @@ class VectorQuantizer(nn.Module):
             return self.project_out(quantized.permute(0, 3, 1, 2))
 
     def window_counts(self) -> torch.Tensor:
-        """Per-code hit counts summed over the last ``usage_window`` optimizer steps."""
-        filled = min(int(self.usage_steps), self.usage_window)
-        return self.usage_counts[:filled].sum(0, dtype=torch.long)
+        """Per-code hit counts summed over the last ``usage_window`` optimizer steps (rows of the window
+        not yet written are zero, so the whole window is summed)."""
+        return self.usage_counts.sum(0, dtype=torch.long)
+
+    def window_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codebook usage and perplexity over the last ``usage_window`` optimizer steps, as 0-d tensors
+        on the codebook's device (see :func:`code_statistics`)."""
+        return code_statistics(self.window_counts())
 
     def codebook_usage(self) -> float:
         """Fraction of codes hit at least once over the last ``usage_window`` optimizer steps."""
-        return usage_and_perplexity(self.window_counts())[0]
+        return float(self.window_statistics()[0])
 
     def window_perplexity(self) -> float:
         """``exp(entropy)`` of the code distribution over the last ``usage_window`` optimizer steps."""
-        return usage_and_perplexity(self.window_counts())[1]
+        return float(self.window_statistics()[1])
 
     def extra_repr(self) -> str:
         return (
