@@ -169,6 +169,7 @@ def test_side_by_side_with_the_reference_runs(tmp_path, capsys) -> None:
         assert set(result["variants"]) == {"this repository", "taming"} and result["speedup"] > 0
     assert report["meta"]["vs_taming"]["sampling_ceiling_tok_per_s"] > 0
     assert sum("over taming" in t["name"] for t in report["targets"]) == 4
+    assert any("convolution ceiling" in t["name"] for t in report["targets"])
 
 
 def test_stage1_step_through_torch_compile_gives_the_eager_losses() -> None:
