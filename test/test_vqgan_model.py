@@ -209,3 +209,12 @@ def test_discriminator_layers_and_init(norm: str, norm_type) -> None:
         assert scales.mean().item() == pytest.approx(1.0, abs=3e-3)
         assert scales.std().item() == pytest.approx(0.02, rel=0.15)
         assert all(n.bias.abs().sum() == 0 for n in norms)
+
+
+def test_last_layer_stays_out_of_compiled_graphs() -> None:
+    """The adaptive GAN weight differentiates at the decoder's last layer alone; kept outside the compiled
+    graph, that gradient does not run the compiled backward again."""
+    model = tiny_vqgan().eval()
+    explained = torch._dynamo.explain(model.decode)(torch.randn(1, 4, 8, 8))
+    assert explained.graph_break_count >= 1
+    assert explained.graphs and not any("conv_out" in graph.code for graph in explained.graphs)
