@@ -14,7 +14,6 @@ each other on every operator, which otherwise dominates small operators such as 
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks import stage1, stage2
+from benchmarks.cli import benchmark_parser, parse_benchmark_args
 from benchmarks.lpips_weights import write_random_lpips_weights
 from benchmarks.memory import PeakMemory
 from benchmarks.report import format_table, format_targets, write_json
@@ -48,6 +48,7 @@ TINY_MODEL = ("model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "mo
               "model.z_channels=4", "model.embed_dim=4", "model.codebook_size=16", "model.codebook_dim=4",
               "disc.ndf=8", "disc.n_layers=2", "data.image_size=16")
 STAGE1_TARGET, SAMPLING_TARGET = 1.25, 10.0
+
 
 @dataclass(frozen=True)
 class Scale:
@@ -174,19 +175,7 @@ def run(scale: Scale, mode: str, device: torch.device,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller batches and sequences")
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=None, help="write the results to this JSON file")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but CUDA is not available; use --device cpu.")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    device = torch.device(args.device)
+    args, mode, device = parse_benchmark_args(benchmark_parser(__doc__), argv)
     meta = _meta(device, mode)
     results, ceiling = run(SCALES[mode], mode, device, log=not args.tiny)
     if hasattr(os, "getloadavg"):

@@ -26,7 +26,6 @@ on both sides.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 import types
@@ -38,7 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.cli import benchmark_parser, parse_benchmark_args
 from benchmarks.report import format_table, format_targets, record, write_json
+from benchmarks.stage1 import Stage1Case
 from benchmarks.stage2 import GPTCase, training_settings
 from benchmarks.timing import count_flops, time_alternating
 from transformer import sample_tokens
@@ -134,15 +135,7 @@ def taming_stage1_step(model: TamingVQModel, optimizers: tuple[torch.optim.Optim
         optimizer.step()
 
 
-@dataclass(frozen=True)
-class Stage1Comparison:
-    name: str
-    config: str
-    overrides: tuple[str, ...]
-    batch: int
-
-
-def compare_stage1(ref: types.SimpleNamespace, case: Stage1Comparison, device: torch.device, precision: str, *,
+def compare_stage1(ref: types.SimpleNamespace, case: Stage1Case, device: torch.device, precision: str, *,
                    reps: int, warmup: int) -> dict[str, Any]:
     """Images/s of the two stage-1 steps; ours at ``precision`` (taming has no mixed precision)."""
     cfg = load_config(Stage1Config, case.config, [*case.overrides, "loss.perceptual_weight=0.0",
@@ -265,7 +258,7 @@ def decode_gflop_per_token(case: GPTCase, device: torch.device) -> float:
 class Comparison:
     """What the side-by-side part of a benchmark scale runs."""
 
-    stage1: tuple[Stage1Comparison, ...]
+    stage1: tuple[Stage1Case, ...]
     gpt: GPTCase
     top_k: int
     reps: int
@@ -280,12 +273,12 @@ GPT_8x256 = GPTCase(n_layer=8, n_head=8, n_embd=256, codebook_size=512, seq_len=
 TINY_MODEL = ("model.ch=32", "model.ch_mult=[1,2]", "model.attn_resolutions=[8]", "model.z_channels=32",
               "model.embed_dim=8", "model.codebook_size=16", "disc.ndf=8", "disc.n_layers=2", "data.image_size=16")
 COMPARISONS = {
-    "full": Comparison(stage1=(Stage1Comparison("fashion_mnist_small", FASHION_SMALL, (), 32),
-                               Stage1Comparison("f16-64", F16, ("data.image_size=64",), 8)),
+    "full": Comparison(stage1=(Stage1Case("fashion_mnist_small", FASHION_SMALL, (), 32),
+                               Stage1Case("f16-64", F16, ("data.image_size=64",), 8)),
                        gpt=GPT_8x256, top_k=100, reps=5, warmup=1),
-    "quick": Comparison(stage1=(Stage1Comparison("fashion_mnist_small", FASHION_SMALL, (), 32),),
+    "quick": Comparison(stage1=(Stage1Case("fashion_mnist_small", FASHION_SMALL, (), 32),),
                         gpt=GPT_8x256, top_k=100, reps=2, warmup=1),
-    "tiny": Comparison(stage1=(Stage1Comparison("fashion_mnist_small", FASHION_SMALL, TINY_MODEL, 2),),
+    "tiny": Comparison(stage1=(Stage1Case("fashion_mnist_small", FASHION_SMALL, TINY_MODEL, 2),),
                        gpt=GPTCase(n_layer=2, n_head=2, n_embd=32, codebook_size=16, seq_len=16, train_batch=2,
                                    sample_batch=4, sample_tokens=16), top_k=8, reps=1, warmup=1),
 }
@@ -337,22 +330,10 @@ def vs_taming_targets(results: list[dict[str, Any]], ceiling: dict[str, Any] | N
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Only the side-by-side part: ``python -m benchmarks.taming_compare [--quick] [--out FILE]``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and cases")
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results to this JSON file")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but CUDA is not available; use --device cpu.")
+    args, mode, device = parse_benchmark_args(benchmark_parser(__doc__), argv)
     if not reference_available():
         print(f"skipped: taming-transformers is not installed ({INSTALL_HINT})")
         return None
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    device = torch.device(args.device)
     results: list[dict[str, Any]] = []
     ceiling = run_comparison(COMPARISONS[mode], device, results.append)
     report = {"meta": {"mode": mode, "device": str(device), "threads": torch.get_num_threads(),
