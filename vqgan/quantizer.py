@@ -307,14 +307,6 @@ class VectorQuantizer(nn.Module):
         on the codebook's device (see :func:`code_statistics`)."""
         return code_statistics(self.window_counts())
 
-    def codebook_usage(self) -> float:
-        """Fraction of codes hit at least once over the last ``usage_window`` optimizer steps."""
-        return float(self.window_statistics()[0])
-
-    def window_perplexity(self) -> float:
-        """``exp(entropy)`` of the code distribution over the last ``usage_window`` optimizer steps."""
-        return float(self.window_statistics()[1])
-
     def extra_repr(self) -> str:
         return (
             f"codebook_size={self.codebook_size}, embed_dim={self.embed_dim}, lookup_dim={self.lookup_dim}, "
