@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from transformer import GPT
+from transformer.gpt import attention
 
 VOCAB, BLOCK = 20, 16
 
@@ -126,3 +127,27 @@ def test_overfits_a_few_sequences():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
+
+
+def test_bf16_training_attention_on_cpu_runs_in_fp32_and_returns_bf16():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 4, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = attention(q, k, v, None, True, 0.0)
+        with torch.no_grad():
+            attention(q, k, v, None, True, 0.0)
+    assert calls == [torch.float32, torch.bfloat16]  # fp32 only where a backward follows
+    assert y.dtype == torch.bfloat16
+    expected = original(q.float(), k.float(), v.float(), is_causal=True)
+    torch.testing.assert_close(y.float(), expected, atol=1e-2, rtol=0)
+    y.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))

@@ -26,7 +26,7 @@ from utils.loop import BadStepTracker, StopSignal, TrainingStopped, finish_messa
 from utils.pictures import image_grid, plot_training_curves, save_grid, save_reconstruction_grid
 from utils.run_dir import RunDirError, prepare_run_dir
 from utils.script import clean_exit
-from utils.training import ModelEMA, TensorSnapshot, lr_factor
+from utils.training import ModelEMA, TensorSnapshot, lr_factor, make_adam
 
 SINGLE = DistInfo()
 CPU = torch.device("cpu")
@@ -39,6 +39,23 @@ def test_lr_schedule_values() -> None:
     assert lr_factor(104, 4, 104, "cosine", 0.1) == pytest.approx(0.1)
     assert lr_factor(500, 4, 104, "cosine", 0.1) == pytest.approx(0.1)
     assert lr_factor(0, 0, 10, "cosine", 0.0) == pytest.approx(1.0)
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_multi_tensor_one() -> None:
+    torch.manual_seed(0)
+    fused_model, plain_model = nn.Linear(4, 3), nn.Linear(4, 3)
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused = make_adam(fused_model.parameters(), 1e-2, (0.9, 0.99), 0.1, CPU)
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    assert fused.defaults["fused"] and getattr(fused, "_step_supports_amp_scaling", False)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
 def test_model_ema_math() -> None:
