@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-
 FUSED_ADAM_DEVICES = ("cuda", "cpu")
 
 
