@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from transformer import GPT
+from transformer.decoding import RowLinear, TokenDecoder
 from transformer.gpt import attention
 
 VOCAB, BLOCK = 20, 16
@@ -151,3 +152,27 @@ def test_bf16_training_attention_on_cpu_runs_in_fp32_and_returns_bf16():
     torch.testing.assert_close(y.float(), expected, atol=1e-2, rtol=0)
     y.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+@pytest.mark.parametrize("prefix_len", [1, 4])
+def test_token_decoder_steps_give_the_full_forward_logits(positions, prefix_len):
+    gpt = tiny_gpt(positions, out_vocab_size=12)
+    idx = torch.randint(VOCAB, (3, BLOCK))
+    full = gpt(idx)[0]
+    decoder = TokenDecoder(gpt, 3, BLOCK)
+    logits = [decoder.prefill(idx[:, :prefix_len])]
+    logits += [decoder.step(idx[:, t:t + 1]) for t in range(prefix_len, BLOCK)]
+    torch.testing.assert_close(torch.stack(logits, dim=1), full[:, prefix_len - 1:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="all used"):
+        decoder.step(idx[:, :1])
+
+
+def test_row_linear_holds_an_input_major_copy_on_cpu():
+    linear = torch.nn.Linear(5, 3)
+    row = RowLinear(linear)
+    assert row.weight_t.shape == (5, 3) and row.weight_t.is_contiguous()
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(row(x), linear(x))
+    no_bias = torch.nn.Linear(5, 3, bias=False)
+    torch.testing.assert_close(RowLinear(no_bias)(x), no_bias(x))

@@ -1,7 +1,8 @@
 """Autoregressive sampling from a GPT: temperature, top-k, top-p, classifier-free guidance.
 
-``sample_tokens`` decodes a batch with the model's KV cache (one new position per step) or, as
-the straightforward reference, by recomputing the whole sequence every step. Both give the same
+``sample_tokens`` decodes a batch with the model's KV cache (one new position per step, through
+:class:`transformer.decoding.TokenDecoder`) or, as the straightforward reference, by recomputing
+the whole sequence every step. Both give the same
 tokens for the same generator state.
 """
 
@@ -12,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from transformer.decoding import TokenDecoder
 from transformer.gpt import GPT
 from utils.config import opt
 
@@ -117,11 +119,11 @@ def _decode(gpt: GPT, prefix: torch.Tensor, num_tokens: int, temperature: float,
     """The sampling loop of :func:`sample_tokens`; ``prefix`` is already doubled when ``cfg_scale`` is set."""
     batch = prefix.shape[0]
     out = prefix.new_empty(batch // 2 if cfg_scale is not None else batch, num_tokens)
-    cache = gpt.new_cache(batch, prefix.shape[1] + num_tokens - 1) if use_cache else None
+    decoder = TokenDecoder(gpt, batch, prefix.shape[1] + num_tokens - 1) if use_cache else None
     seq = prefix
-    logits = gpt.forward_with_cache(prefix, cache) if use_cache else gpt(prefix)[0]
+    logits = decoder.prefill(prefix) if decoder is not None else gpt(prefix)[0][:, -1]
     for i in range(num_tokens):
-        step = logits[:, -1].float()
+        step = logits.float()
         if cfg_scale is not None:
             cond, uncond = step.chunk(2)
             step = uncond + cfg_scale * (cond - uncond)
@@ -131,9 +133,9 @@ def _decode(gpt: GPT, prefix: torch.Tensor, num_tokens: int, temperature: float,
             break
         if cfg_scale is not None:
             token = token.repeat(2, 1)
-        if use_cache:
-            logits = gpt.forward_with_cache(token, cache)
+        if decoder is not None:
+            logits = decoder.step(token)
         else:
             seq = torch.cat([seq, token], dim=1)
-            logits = gpt(seq)[0]
+            logits = gpt(seq)[0][:, -1]
     return out
