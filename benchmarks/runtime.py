@@ -1,8 +1,8 @@
 """How a benchmark variant runs on its device: autocast precision, memory format, AdamW, backend flags.
 
-The optimized runtime is what the training scripts use: on CUDA bf16 autocast (the quantizer stays
-in fp32), ``channels_last``, fused AdamW, TF32 and cuDNN autotuning; on CPU all of these are off,
-so there the optimized and reference runtimes are the same.
+The optimized runtime is what the training scripts use: fused AdamW, and on CUDA also bf16 autocast
+(the quantizer stays in fp32), ``channels_last``, TF32 and cuDNN autotuning. The reference runtime
+has none of these.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from utils.device import autocast_dtype, configure_backends
-from utils.training import autocast, make_adam
+from utils.training import FUSED_ADAM_DEVICES, autocast, make_adam
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,6 @@ class Runtime:
                 setattr(owner, name, value)
 
     def describe(self) -> str:
-        if self.device.type != "cuda":
-            return "fp32"
         parts = [str(self.amp_dtype).removeprefix("torch.") + " autocast" if self.amp_dtype else "fp32"]
         parts += [label for label, on in (("channels_last", self.channels_last), ("fused AdamW", self.fused_adam),
                                           ("TF32 + cudnn.benchmark", self.fast_backends)) if on]
@@ -69,7 +67,8 @@ class Runtime:
 
 def optimized(device: torch.device) -> Runtime:
     cuda = device.type == "cuda"
-    return Runtime(device, autocast_dtype(device, "auto"), channels_last=cuda, fused_adam=cuda, fast_backends=cuda)
+    return Runtime(device, autocast_dtype(device, "auto"), channels_last=cuda,
+                   fused_adam=device.type in FUSED_ADAM_DEVICES, fast_backends=cuda)
 
 
 def reference(device: torch.device) -> Runtime:

@@ -8,6 +8,7 @@ reconstruction. The straightforward step is :func:`benchmarks.reference.referenc
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ import torch
 from benchmarks.reference import reference_stage1_step
 from benchmarks.report import record
 from benchmarks.runtime import Runtime, optimized, reference
-from benchmarks.timing import count_flops, time_alternating
+from benchmarks.timing import count_flops, synchronize, time_alternating
 from utils.config import load_config
+from utils.training import compile_module
 from vqgan import VQGAN, Discriminator, VQGANLoss
 from vqgan.config import Stage1Config, build_stage1
 from vqgan.training import stage1_step
@@ -116,6 +118,35 @@ def bench_training(case: Stage1Case, losses_on: bool, lpips_files: tuple[Path, P
                          "perceptual_and_gan": losses_on,
                          "runtimes": {"optimized": fast.runtime.describe(), "straightforward": slow.runtime.describe()},
                          "model_config": dataclasses.asdict(cfg.model)})
+
+
+def bench_compiled(case: Stage1Case, lpips_files: tuple[Path, Path], device: torch.device, *, reps: int,
+                   warmup: int) -> dict[str, Any]:
+    """Images/s of :func:`vqgan.training.stage1_step` with the models under ``torch.compile`` (as
+    ``train.compile=true`` trains) against the eager models, LPIPS and GAN on; the first compiled call,
+    compilation included, is reported as ``compile_s``."""
+    cfg = case.load(True, lpips_files)
+    eager, compiled = (build_setup(cfg, case.batch, optimized(device)) for _ in range(2))
+    torch._dynamo.reset()  # a fresh compile, as a training run starts with, not one shaped by earlier cases
+    compiled_model, compiled_disc = compile_module(compiled.model), compile_module(compiled.disc)
+
+    def compiled_step() -> dict[str, Any]:
+        with compiled.runtime.backends():
+            return stage1_step(compiled.model, compiled.disc, compiled.loss, compiled.opt_ae, compiled.opt_d,
+                               [compiled.images], 0, grad_clip=compiled.grad_clip,
+                               amp_dtype=compiled.runtime.amp_dtype, train_model=compiled_model,
+                               train_disc=compiled_disc)
+
+    started = time.perf_counter()
+    compiled_step()
+    synchronize(device)
+    compile_s = time.perf_counter() - started
+    timings = time_alternating({"compiled": compiled_step, "eager": lambda: training_step(eager, 0)}, device,
+                               reps=reps, warmup=warmup)
+    return record(f"stage1_compiled/{case.name}",
+                  f"stage-1 train {case.name} {cfg.data.image_size}px b{case.batch}, rec+LPIPS+GAN, compiled vs eager",
+                  "img/s", case.batch, timings,
+                  extra={"model": case.name, "compile_s": compile_s, "runtime": eager.runtime.describe()})
 
 
 def bench_codec(case: Stage1Case, device: torch.device, *, reps: int, warmup: int) -> list[dict[str, Any]]:

@@ -135,7 +135,7 @@ def test_benchmark_script_writes_the_expected_json(tmp_path, capsys, monkeypatch
     assert written["meta"]["mode"] == "tiny" and written["meta"]["threads"] == 1
     keys = {result["key"] for result in written["results"]}
     sections = {key.split("/")[0] for key in keys}
-    assert sections == {"stage1_train", "encode", "decode", "stage2_train", "sampling"}
+    assert sections == {"stage1_train", "stage1_compiled", "encode", "decode", "stage2_train", "sampling"}
     assert sum(key.startswith("stage1_train/") for key in keys) == 4
     for result in written["results"]:
         for figures in result["variants"].values():
@@ -145,7 +145,9 @@ def test_benchmark_script_writes_the_expected_json(tmp_path, capsys, monkeypatch
             assert all(v["gflop_per_item"] > 0 for v in result["variants"].values())
     sampling = next(r for r in written["results"] if r["key"].startswith("sampling/"))
     assert set(sampling["variants"]) == {"KV cache", "recompute"} and sampling["same_tokens"] is True
-    assert [t["need"] for t in written["targets"]] == [1.25, 10.0]
+    compiled = next(r for r in written["results"] if r["key"].startswith("stage1_compiled/"))
+    assert set(compiled["variants"]) == {"compiled", "eager"} and compiled["compile_s"] > 0
+    assert [t["need"] for t in written["targets"]] == [1.25, 10.0, 1.0]
     assert not any(t["at_target_size"] for t in written["targets"])
 
 
