@@ -84,3 +84,14 @@ def format_targets(targets: list[dict[str, Any]]) -> str:
 def write_json(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def print_and_save(report: dict[str, Any], notes: list[str], out: Path | None) -> None:
+    """Print a report's table, targets and ``notes``; write it as JSON to ``out`` when given."""
+    print(format_table(report["results"]))
+    print(format_targets(report["targets"]))
+    for note in notes:
+        print(f"note: {note}")
+    if out is not None:
+        write_json(report, out)
+        print(f"wrote {out}")

@@ -29,7 +29,7 @@ from benchmarks import stage1, stage2
 from benchmarks.cli import benchmark_parser, parse_benchmark_args
 from benchmarks.lpips_weights import write_random_lpips_weights
 from benchmarks.memory import PeakMemory
-from benchmarks.report import format_table, format_targets, write_json
+from benchmarks.report import print_and_save
 from benchmarks.runtime import optimized, reference
 from benchmarks.stage1 import Stage1Case
 from benchmarks.stage2 import GPTCase
@@ -197,13 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {"meta": meta, "results": results, "targets": _targets(results, SCALES[mode], ceiling)}
     where = f"{meta['gpu']}" if device.type == "cuda" else f"{meta['cpu']}, {meta['threads']} threads"
     print(f"Benchmarks ({mode}) on {device} [{where}], torch {meta['torch']}")
-    print(format_table(results))
-    print(format_targets(report["targets"]))
-    for note in NOTES:
-        print(f"note: {note}")
-    if args.out is not None:
-        write_json(report, args.out)
-        print(f"wrote {args.out}")
+    print_and_save(report, NOTES, args.out)
     return report
 
 

@@ -78,11 +78,14 @@ def build_setup(cfg: Stage1Config, batch: int, runtime: Runtime, seed: int = 0) 
     return Stage1Setup(model, disc, loss, opt_ae, opt_d, images, runtime, train.grad_clip)
 
 
-def training_step(setup: Stage1Setup, step: int) -> dict[str, float]:
-    """One optimizer step of :func:`vqgan.training.stage1_step` in the setup's runtime."""
+def training_step(setup: Stage1Setup, step: int, train_model: torch.nn.Module | None = None,
+                  train_disc: torch.nn.Module | None = None) -> dict[str, float]:
+    """One optimizer step of :func:`vqgan.training.stage1_step` in the setup's runtime, through the
+    wrappers ``train_model`` / ``train_disc`` (e.g. compiled) where given."""
     with setup.runtime.backends():
         return stage1_step(setup.model, setup.disc, setup.loss, setup.opt_ae, setup.opt_d, [setup.images], step,
-                           grad_clip=setup.grad_clip, amp_dtype=setup.runtime.amp_dtype)
+                           grad_clip=setup.grad_clip, amp_dtype=setup.runtime.amp_dtype, train_model=train_model,
+                           train_disc=train_disc)
 
 
 def straightforward_step(setup: Stage1Setup, step: int) -> dict[str, float]:
@@ -130,12 +133,8 @@ def bench_compiled(case: Stage1Case, lpips_files: tuple[Path, Path], device: tor
     torch._dynamo.reset()  # a fresh compile, as a training run starts with, not one shaped by earlier cases
     compiled_model, compiled_disc = compile_module(compiled.model), compile_module(compiled.disc)
 
-    def compiled_step() -> dict[str, Any]:
-        with compiled.runtime.backends():
-            return stage1_step(compiled.model, compiled.disc, compiled.loss, compiled.opt_ae, compiled.opt_d,
-                               [compiled.images], 0, grad_clip=compiled.grad_clip,
-                               amp_dtype=compiled.runtime.amp_dtype, train_model=compiled_model,
-                               train_disc=compiled_disc)
+    def compiled_step() -> dict[str, float]:
+        return training_step(compiled, 0, compiled_model, compiled_disc)
 
     started = time.perf_counter()
     compiled_step()

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from benchmarks.cli import benchmark_parser, parse_benchmark_args
-from benchmarks.report import format_table, format_targets, record, write_json
+from benchmarks.report import print_and_save, record
 from benchmarks.stage1 import Stage1Case
 from benchmarks.stage2 import GPTCase, training_settings
 from benchmarks.timing import count_flops, time_alternating
@@ -340,14 +340,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                        "torch": torch.__version__, **ceiling},
               "results": results, "targets": vs_taming_targets(results, ceiling, mode == "full")}
     print(f"This repository against taming-transformers ({mode}) on {device}, {torch.get_num_threads()} threads")
-    print(format_table(results))
-    print(format_targets(report["targets"]))
-    print(f"note: GEMM ceiling {ceiling['gemm_peak_gflop_per_s']:.0f} GFLOP/s, 3x3 convolution ceiling "
-          f"{ceiling['conv_peak_gflop_per_s']:.0f} GFLOP/s, {ceiling['decode_gflop_per_token'] * 1e3:.1f} MFLOP per "
-          f"decoded token")
-    if args.out is not None:
-        write_json(report, args.out)
-        print(f"wrote {args.out}")
+    print_and_save(report, [f"GEMM ceiling {ceiling['gemm_peak_gflop_per_s']:.0f} GFLOP/s, 3x3 convolution ceiling "
+                            f"{ceiling['conv_peak_gflop_per_s']:.0f} GFLOP/s, "
+                            f"{ceiling['decode_gflop_per_token'] * 1e3:.1f} MFLOP per decoded token"], args.out)
     return report
 
 
