@@ -7,13 +7,14 @@ times measured back to back.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from benchmarks.memory import PeakMemory, release_freed_memory
 
@@ -72,6 +73,13 @@ def time_alternating(
 def paired_speedup(fast: Timing, slow: Timing) -> float:
     """Median over repetitions of slow time / fast time (the two were timed back to back)."""
     return statistics.median(s / f for f, s in zip(fast.seconds, slow.seconds))
+
+
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _onednn_linear_flops(input_shape: torch.Size, *args: object, out_shape: torch.Size, **kwargs: object) -> int:
+        """The oneDNN products of :mod:`transformer.linear` (plain and with a residual add): 2 M K N."""
+        return 2 * math.prod(out_shape) * input_shape[-1]
 
 
 def count_flops(fn: Callable[[], object]) -> int:
