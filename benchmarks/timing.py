@@ -87,3 +87,31 @@ def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution_depthwise2d",
+                   "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward")
+
+
+def convolution_share(fn: Callable[[], object]) -> dict[str, float]:
+    """Where one CPU call's time goes: the share spent inside convolution kernels, and their GFLOP/s.
+
+    Profiles one call (``torch.profiler``, CPU activity) and counts its convolution FLOPs
+    (``torch.utils.flop_counter``); the rate is convolution FLOPs over the time in the kernels above.
+    The profiler slows the many small operations down more than the large ones, so the share it
+    gives for convolutions is, if anything, too low.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    per_op = counter.get_flop_counts().get("Global", {})
+    conv_flops = sum(count for op, count in per_op.items() if "convolution" in str(op))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total_us = sum(event.self_cpu_time_total for event in events)
+    conv_us = sum(event.self_cpu_time_total for event in events if event.key in CONVOLUTION_OPS)
+    return {"convolution_time_share": conv_us / total_us,
+            "convolution_gflop_per_s": conv_flops / (conv_us * 1e-6) / 1e9 if conv_us else 0.0,
+            "convolution_gflop": conv_flops / 1e9}

@@ -19,6 +19,7 @@ from benchmarks.reference import reference_generator_backward
 from benchmarks.runtime import reference
 from benchmarks.stage1 import build_setup, straightforward_step, training_step
 from benchmarks.taming_compare import top_k_top_p_filtering
+from benchmarks.timing import convolution_share
 from transformer import GPT, filter_logits, sample_tokens
 from utils.config import load_config
 from utils.logging import as_floats
@@ -171,7 +172,17 @@ def test_side_by_side_with_the_reference_runs(tmp_path, capsys) -> None:
         assert set(result["variants"]) == {"this repository", "taming"} and result["speedup"] > 0
     assert report["meta"]["vs_taming"]["sampling_ceiling_tok_per_s"] > 0
     assert sum("over taming" in t["name"] for t in report["targets"]) == 4
-    assert any("convolution ceiling" in t["name"] for t in report["targets"])
+    assert any("convolution ceiling" in t["name"] and "its convolutions take" in t["name"] for t in report["targets"])
+    for side in results["vs_taming/stage1/fashion_mnist_small/fp32"]["convolutions"].values():
+        assert 0 < side["convolution_time_share"] <= 1 and side["convolution_gflop_per_s"] > 0
+
+
+def test_convolution_share_counts_the_convolutions_of_a_call() -> None:
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    share = convolution_share(lambda: torch.relu(conv(x)).sum().backward())
+    assert share["convolution_gflop"] * 1e9 == 3 * 2 * (2 * 8 * 16 * 16) * 4 * 9  # forward, input and weight grads
+    assert 0 < share["convolution_time_share"] < 1 and share["convolution_gflop_per_s"] > 0
 
 
 def test_stage1_step_through_torch_compile_gives_the_eager_losses() -> None:
