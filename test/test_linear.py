@@ -92,3 +92,13 @@ def test_benchmark_flop_counter_counts_the_onednn_products():
     rows = RowLinear(torch.nn.Linear(6, 5), 4)
     with torch.no_grad():
         assert count_flops(lambda: rows(x, residual=torch.zeros(4, 5))) == 2 * 4 * 6 * 5
+
+
+def test_a_compiled_gpt_traces_f_linear_and_gives_the_eager_logits():
+    from transformer import GPT
+
+    torch.manual_seed(0)
+    gpt = GPT(10, 8, 2, 2, 16, dropout=0.0, positions="learned")
+    idx = torch.randint(10, (3, 8))
+    compiled = torch.compile(gpt, backend="aot_eager")
+    torch.testing.assert_close(compiled(idx)[0], gpt(idx)[0], atol=1e-5, rtol=0)

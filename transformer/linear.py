@@ -5,8 +5,8 @@ PyTorch multiplies fp32 matrices on x86 CPUs with MKL, and MKL takes a slow code
 430 on the same 1024 x 256 x 1024 product, and 2.3x faster on the 16-row products of sampling).
 :func:`linear` computes ``F.linear`` with oneDNN for fp32 tensors on CPU, forward and backward, and
 falls back to ``F.linear`` everywhere else: CUDA, other dtypes, CPU autocast (whose bf16 products
-already run on oneDNN), or a PyTorch built without oneDNN. The results are fp32 products like
-``F.linear``'s, summed in another order.
+already run on oneDNN), code traced by ``torch.compile``, or a PyTorch built without oneDNN. The
+results are fp32 products like ``F.linear``'s, summed in another order.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`linear` takes the oneDNN path for these operands."""
+    """Whether :func:`linear` takes the oneDNN path for these operands (never inside ``torch.compile``,
+    which chooses its own kernels)."""
     return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2
-            and not torch.is_autocast_enabled("cpu"))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
