@@ -41,7 +41,7 @@ from benchmarks.cli import benchmark_parser, parse_benchmark_args
 from benchmarks.report import print_and_save, record
 from benchmarks.stage1 import Stage1Case
 from benchmarks.stage2 import GPTCase, training_settings
-from benchmarks.timing import convolution_share, count_flops, time_alternating
+from benchmarks.timing import Timing, convolution_share, count_flops, time_alternating
 from transformer import sample_tokens
 from transformer.linear import linear, uses_onednn
 from transformer.training import stage2_step
@@ -160,10 +160,10 @@ def compare_stage1(ref: types.SimpleNamespace, case: Stage1Case, device: torch.d
                                                grad_clip=cfg.train.grad_clip, amp_dtype=amp_dtype),
         "taming": lambda: taming_stage1_step(taming, taming_opts, images, 0),
     }
-    timings = time_alternating(variants, device, reps=reps, warmup=warmup)
+    timings, conv_peak = time_with_ceiling(variants, conv_ceiling(device), device, reps=reps, warmup=warmup)
     flops = {name: count_flops(fn) for name, fn in variants.items()}
     label = "fp32" if amp_dtype is None else "bf16 autocast (ours)"
-    extra = {"precision": label, "target": f"stage1/{case.name}/{precision}"}
+    extra = {"precision": label, "target": f"stage1/{case.name}/{precision}", "conv_ceiling_gflop_per_s": conv_peak}
     if device.type == "cpu":
         extra["convolutions"] = {name: convolution_share(fn) for name, fn in variants.items()}
     return record(f"vs_taming/stage1/{case.name}/{precision}",
@@ -191,11 +191,14 @@ def compare_sampling(ref: types.SimpleNamespace, case: GPTCase, device: torch.de
     def sample_theirs() -> torch.Tensor:
         return ref.mingpt.sample_with_past(prefix, theirs, case.sample_tokens, top_k=top_k)
 
-    timings = time_alternating({"this repository": sample_ours, "taming": sample_theirs}, device, reps=reps,
-                               warmup=warmup)
+    timings, gemm_peak = time_with_ceiling({"this repository": sample_ours, "taming": sample_theirs},
+                                           gemm_ceiling(device), device, reps=reps, warmup=warmup)
+    per_token = decode_gflop_per_token(case, device)
     return record(f"vs_taming/sampling/{case.name}",
                   f"sampling GPT {case.name} {case.sample_tokens} tok b{case.sample_batch} top-k {top_k}", "tok/s",
-                  case.sample_batch * case.sample_tokens, timings, extra={"target": "sampling"})
+                  case.sample_batch * case.sample_tokens, timings,
+                  extra={"target": "sampling", "gemm_ceiling_gflop_per_s": gemm_peak,
+                         "decode_gflop_per_token": per_token, "ceiling_tok_per_s": gemm_peak / per_token})
 
 
 def compare_gpt_training(ref: types.SimpleNamespace, case: GPTCase, device: torch.device, precision: str, *,
@@ -230,30 +233,47 @@ def compare_gpt_training(ref: types.SimpleNamespace, case: GPTCase, device: torc
                   extra={"precision": label, "target": f"stage2_train/{precision}"})
 
 
-def matmul_peak_gflops(device: torch.device, size: int = 1024, reps: int = 5) -> float:
-    """Measured fp32 GEMM throughput (GFLOP/s) of a large square product: the arithmetic ceiling.
+@dataclass
+class Ceiling:
+    """Variants that each run one large fp32 kernel of the same FLOPs; the fastest gives the ceiling.
 
-    The faster of ``torch.mm`` and, on CPU, the oneDNN product of :mod:`transformer.linear` (on some
-    CPUs the default BLAS reaches less than half of oneDNN's rate).
+    They are timed in the same alternation as the work they bound, so that both see the same state of
+    a shared machine (whose speed here drifted by a third between minutes).
     """
+
+    variants: dict[str, Callable[[], object]]
+    flops: int
+
+    def gflop_per_s(self, timings: dict[str, Timing]) -> float:
+        return self.flops / min(timings[name].median for name in self.variants) / 1e9
+
+
+def gemm_ceiling(device: torch.device, size: int = 1024) -> Ceiling:
+    """A 1024 x 1024 x 1024 fp32 product through ``torch.mm`` and, on CPU, through the oneDNN product of
+    :mod:`transformer.linear` (on some CPUs the default BLAS reaches less than half of oneDNN's rate)."""
     a, b = (torch.randn(size, size, device=device) for _ in range(2))
-    variants = {"torch.mm": lambda: a @ b}
+    variants: dict[str, Callable[[], object]] = {"ceiling: torch.mm": lambda: a @ b}
     if uses_onednn(a, b):
-        variants["oneDNN"] = lambda: linear(a, b)
-    timings = time_alternating(variants, device, reps=reps, warmup=1)
-    return 2 * size**3 / min(t.median for t in timings.values()) / 1e9
+        variants["ceiling: oneDNN"] = lambda: linear(a, b)
+    return Ceiling(variants, 2 * size**3)
 
 
-def conv_peak_gflops(device: torch.device, reps: int = 5) -> float:
-    """Measured fp32 throughput (GFLOP/s) of a large 3x3 convolution, the faster of the contiguous and
-    ``channels_last`` layouts: the ceiling of the stage-1 step."""
+def conv_ceiling(device: torch.device) -> Ceiling:
+    """A large fp32 3x3 convolution (32 x 128 x 32 x 32, 128 filters), contiguous and ``channels_last``."""
     x = torch.randn(32, 128, 32, 32, device=device)
     weight = torch.randn(128, 128, 3, 3, device=device)
-    layouts = {name: (x.to(memory_format=fmt), weight.to(memory_format=fmt))
-               for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last))}
-    timings = time_alternating({name: lambda a=a, w=w: torch.nn.functional.conv2d(a, w, padding=1)
-                                for name, (a, w) in layouts.items()}, device, reps=reps, warmup=1)
-    return 2 * x.numel() * weight[0].numel() / min(t.median for t in timings.values()) / 1e9
+    variants: dict[str, Callable[[], object]] = {}
+    for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        a, w = x.to(memory_format=fmt), weight.to(memory_format=fmt)
+        variants[f"ceiling: conv {name}"] = lambda a=a, w=w: torch.nn.functional.conv2d(a, w, padding=1)
+    return Ceiling(variants, 2 * x.numel() * weight[0].numel())
+
+
+def time_with_ceiling(variants: dict[str, Callable[[], object]], ceiling: Ceiling, device: torch.device, *,
+                      reps: int, warmup: int) -> tuple[dict[str, Timing], float]:
+    """Timings of ``variants`` and the ceiling's GFLOP/s, all timed in one alternation."""
+    timings = time_alternating({**variants, **ceiling.variants}, device, reps=reps, warmup=warmup)
+    return {name: timings[name] for name in variants}, ceiling.gflop_per_s(timings)
 
 
 def decode_gflop_per_token(case: GPTCase, device: torch.device) -> float:
@@ -299,18 +319,22 @@ COMPARISONS = {
 
 
 def run_comparison(scale: Comparison, device: torch.device, keep: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Every side-by-side benchmark of ``scale`` (results passed to ``keep``) and the sampling ceiling."""
+    """Every side-by-side benchmark of ``scale`` (results passed to ``keep``); returns the ceilings measured
+    beside them (the highest convolution ceiling of the stage-1 cases, the GEMM ceiling of sampling)."""
     ref = import_reference()
+    stage1 = []
     for case in scale.stage1:
         for precision in ("fp32", "bf16"):
-            keep(compare_stage1(ref, case, device, precision, reps=scale.reps, warmup=scale.warmup))
-    keep(compare_sampling(ref, scale.gpt, device, scale.top_k, reps=scale.reps, warmup=scale.warmup))
+            stage1.append(compare_stage1(ref, case, device, precision, reps=scale.reps, warmup=scale.warmup))
+            keep(stage1[-1])
+    sampling = compare_sampling(ref, scale.gpt, device, scale.top_k, reps=scale.reps, warmup=scale.warmup)
+    keep(sampling)
     for precision in ("fp32", "bf16"):
         keep(compare_gpt_training(ref, scale.gpt, device, precision, reps=scale.reps, warmup=scale.warmup))
-    peak = matmul_peak_gflops(device)
-    per_token = decode_gflop_per_token(scale.gpt, device)
-    return {"gemm_peak_gflop_per_s": peak, "conv_peak_gflop_per_s": conv_peak_gflops(device),
-            "decode_gflop_per_token": per_token, "sampling_ceiling_tok_per_s": peak / per_token}
+    return {"conv_peak_gflop_per_s": max(r["conv_ceiling_gflop_per_s"] for r in stage1),
+            "gemm_peak_gflop_per_s": sampling["gemm_ceiling_gflop_per_s"],
+            "decode_gflop_per_token": sampling["decode_gflop_per_token"],
+            "sampling_ceiling_tok_per_s": sampling["ceiling_tok_per_s"]}
 
 
 def vs_taming_targets(results: list[dict[str, Any]], ceiling: dict[str, Any] | None,
@@ -325,23 +349,23 @@ def vs_taming_targets(results: list[dict[str, Any]], ceiling: dict[str, Any] | N
             targets.append({"name": f"{result['title']}: this repository over taming", "value": result["speedup"],
                             "need": need, "met": result["speedup"] >= need, "at_target_size": at_target})
     for result in (r for r in results if r.get("target", "").startswith("stage1/") and r["precision"] == "fp32"):
-        ours = result["variants"]["this repository"]
-        fraction = ours["gflop_per_s"] / ceiling["conv_peak_gflop_per_s"]
+        ours, peak = result["variants"]["this repository"], result["conv_ceiling_gflop_per_s"]
+        fraction = ours["gflop_per_s"] / peak
         inside = ""
         if "convolutions" in result:
             conv = result["convolutions"]["this repository"]
             inside = (f"; its convolutions take {conv['convolution_time_share']:.0%} of its time and run at "
-                      f"{conv['convolution_gflop_per_s'] / ceiling['conv_peak_gflop_per_s']:.0%} of the ceiling")
+                      f"{conv['convolution_gflop_per_s'] / peak:.0%} of the ceiling")
         targets.append({"name": f"{result['title']}: fraction of the 3x3 convolution ceiling "
-                                f"({ceiling['conv_peak_gflop_per_s']:.0f} GFLOP/s; ours "
+                                f"({peak:.0f} GFLOP/s; ours "
                                 f"{ours['gflop_per_item']:.2f} GFLOP/img, taming "
                                 f"{result['variants']['taming']['gflop_per_item']:.2f}{inside})",
                         "value": fraction, "need": CONV_PEAK_FRACTION, "met": fraction >= CONV_PEAK_FRACTION,
                         "at_target_size": at_target})
     for result in (r for r in results if r.get("target") == "sampling"):
-        fraction = result["variants"]["this repository"]["per_s"] / ceiling["sampling_ceiling_tok_per_s"]
+        fraction = result["variants"]["this repository"]["per_s"] / result["ceiling_tok_per_s"]
         targets.append({"name": f"{result['title']}: fraction of the arithmetic ceiling "
-                                f"({ceiling['sampling_ceiling_tok_per_s']:.0f} tok/s)",
+                                f"({result['ceiling_tok_per_s']:.0f} tok/s)",
                         "value": fraction, "need": round(CEILING_FRACTION, 2), "met": fraction >= CEILING_FRACTION,
                         "at_target_size": at_target})
     return targets
