@@ -309,7 +309,7 @@ TINY_MODEL = ("model.ch=32", "model.ch_mult=[1,2]", "model.attn_resolutions=[8]"
 COMPARISONS = {
     "full": Comparison(stage1=(Stage1Case("fashion_mnist_small", FASHION_SMALL, (), 32),
                                Stage1Case("f16-64", F16, ("data.image_size=64",), 8)),
-                       gpt=GPT_8x256, top_k=100, reps=5, warmup=1),
+                       gpt=GPT_8x256, top_k=100, reps=7, warmup=1),
     "quick": Comparison(stage1=(Stage1Case("fashion_mnist_small", FASHION_SMALL, (), 32),),
                         gpt=GPT_8x256, top_k=100, reps=2, warmup=1),
     "tiny": Comparison(stage1=(Stage1Case("fashion_mnist_small", FASHION_SMALL, TINY_MODEL, 2),),

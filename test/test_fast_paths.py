@@ -9,6 +9,7 @@ test_sampling.py).
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -200,3 +201,13 @@ def test_stage1_step_through_torch_compile_gives_the_eager_losses() -> None:
                           for step, x in enumerate(batches)]
     for eager, compiled in zip(logs[False], logs[True]):
         assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-6)  # decompositions round differently
+
+
+def test_compile_benchmark_uses_an_empty_compile_cache_and_restores_the_setting(monkeypatch) -> None:
+    from benchmarks.stage1 import COMPILE_CACHE_VARIABLE, fresh_compile_cache
+
+    monkeypatch.setenv(COMPILE_CACHE_VARIABLE, "/somewhere/else")
+    with fresh_compile_cache():
+        inside = os.environ[COMPILE_CACHE_VARIABLE]
+        assert inside != "/somewhere/else" and os.listdir(inside) == []
+    assert os.environ[COMPILE_CACHE_VARIABLE] == "/somewhere/else" and not os.path.exists(inside)
