@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,6 @@ from vqgan.config import Stage1Config, build_stage1
 from vqgan.training import stage1_step
 
 NEVER = 10**12
-COMPILE_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -128,20 +124,13 @@ def bench_training(case: Stage1Case, losses_on: bool, lpips_files: tuple[Path, P
                          "model_config": dataclasses.asdict(cfg.model)})
 
 
-@contextlib.contextmanager
-def fresh_compile_cache() -> Iterator[None]:
-    """``torch.compile``'s on-disk caches in an empty temporary folder for the duration: a compile takes as
-    long as in a first run, not as long as reading back what an earlier process compiled."""
-    saved = os.environ.get(COMPILE_CACHE_VARIABLE)
-    with tempfile.TemporaryDirectory() as folder:
-        os.environ[COMPILE_CACHE_VARIABLE] = folder
-        try:
-            yield
-        finally:
-            if saved is None:
-                os.environ.pop(COMPILE_CACHE_VARIABLE, None)
-            else:
-                os.environ[COMPILE_CACHE_VARIABLE] = saved
+def fresh_compile_cache() -> contextlib.AbstractContextManager:
+    """``torch.compile``'s caches emptied and its on-disk caches in a new temporary folder for the duration:
+    a compile takes as long as in a first run, not as long as reading back what was compiled before."""
+    from torch._inductor import utils as inductor_utils
+
+    fresh = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
+    return fresh()
 
 
 def bench_compiled(case: Stage1Case, lpips_files: tuple[Path, Path], device: torch.device, *, reps: int,

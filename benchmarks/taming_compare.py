@@ -238,7 +238,7 @@ class Ceiling:
     """Variants that each run one large fp32 kernel of the same FLOPs; the fastest gives the ceiling.
 
     They are timed in the same alternation as the work they bound, so that both see the same state of
-    a shared machine (whose speed here drifted by a third between minutes).
+    a shared machine, whose speed can drift by a third between minutes.
     """
 
     variants: dict[str, Callable[[], object]]
@@ -249,8 +249,9 @@ class Ceiling:
 
 
 def gemm_ceiling(device: torch.device, size: int = 1024) -> Ceiling:
-    """A 1024 x 1024 x 1024 fp32 product through ``torch.mm`` and, on CPU, through the oneDNN product of
-    :mod:`transformer.linear` (on some CPUs the default BLAS reaches less than half of oneDNN's rate)."""
+    """A ``size``-cubed fp32 product through ``torch.mm`` and, on CPU, through the oneDNN product of
+    :mod:`transformer.linear` (``a @ b.T``, the same FLOPs; on some CPUs the default BLAS reaches less
+    than half of oneDNN's rate)."""
     a, b = (torch.randn(size, size, device=device) for _ in range(2))
     variants: dict[str, Callable[[], object]] = {"ceiling: torch.mm": lambda: a @ b}
     if uses_onednn(a, b):
@@ -339,7 +340,8 @@ def run_comparison(scale: Comparison, device: torch.device, keep: Callable[[dict
 
 def vs_taming_targets(results: list[dict[str, Any]], ceiling: dict[str, Any] | None,
                        at_target: bool) -> list[dict[str, Any]]:
-    """The speed-ups over the reference that this repository aims for, and sampling against the ceiling."""
+    """The speed-ups over the reference that this repository aims for, and the stage-1 steps and sampling
+    against the ceilings timed beside them; none where the comparison was skipped (``ceiling`` None)."""
     if ceiling is None:
         return []
     targets = []

@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.memory import PeakMemory, release_freed_memory
+from transformer.linear import ONEDNN_BUILT
 
 
 @dataclass
@@ -75,43 +76,47 @@ def paired_speedup(fast: Timing, slow: Timing) -> float:
     return statistics.median(s / f for f, s in zip(fast.seconds, slow.seconds))
 
 
-if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
-    def _onednn_linear_flops(input_shape: torch.Size, *args: object, out_shape: torch.Size, **kwargs: object) -> int:
-        """The oneDNN products of :mod:`transformer.linear` (plain and with a residual add): 2 M K N."""
-        return 2 * math.prod(out_shape) * input_shape[-1]
+def _onednn_linear_flops(input_shape: torch.Size, *args: object, out_shape: torch.Size, **kwargs: object) -> int:
+    """The oneDNN products of :mod:`transformer.linear` (plain and with a residual add): 2 M K N."""
+    return 2 * math.prod(out_shape) * input_shape[-1]
+
+
+def _flop_counter() -> FlopCounterMode:
+    """A FLOP counter that also counts the oneDNN linear products."""
+    mapping = {torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops} if ONEDNN_BUILT else {}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def count_flops(fn: Callable[[], object]) -> int:
     """Floating-point operations of one call, as counted by ``torch.utils.flop_counter``."""
-    with FlopCounterMode(display=False) as counter:
+    with _flop_counter() as counter:
         fn()
     return counter.get_total_flops()
 
 
-CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution_depthwise2d",
-                   "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward")
-
-
 def convolution_share(fn: Callable[[], object]) -> dict[str, float]:
-    """Where one CPU call's time goes: the share spent inside convolution kernels, and their GFLOP/s.
+    """Where one CPU call's time goes: the share of its wall time spent inside convolution kernels, and
+    their GFLOP/s.
 
     Profiles one call (``torch.profiler``, CPU activity) and counts its convolution FLOPs
-    (``torch.utils.flop_counter``); the rate is convolution FLOPs over the time in the kernels above.
-    The profiler slows the many small operations down more than the large ones, so the share it
-    gives for convolutions is, if anything, too low.
+    (``torch.utils.flop_counter``); kernel time is the self time of the ATen operators named
+    ``*conv*``, the rate is convolution FLOPs over that time. The profiler slows the many small
+    operations down more than the large ones, so the share it gives for convolutions errs low.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with FlopCounterMode(display=False) as counter:
+    with _flop_counter() as counter:
         fn()
     per_op = counter.get_flop_counts().get("Global", {})
-    conv_flops = sum(count for op, count in per_op.items() if "convolution" in str(op))
+    conv_flops = sum(count for op, count in per_op.items() if "conv" in str(op))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
         fn()
-    events = prof.key_averages()
-    total_us = sum(event.self_cpu_time_total for event in events)
-    conv_us = sum(event.self_cpu_time_total for event in events if event.key in CONVOLUTION_OPS)
-    return {"convolution_time_share": conv_us / total_us,
+        wall_us = (time.perf_counter() - started) * 1e6
+    conv_us = sum(event.self_cpu_time_total for event in prof.key_averages()
+                  if event.key.startswith("aten::") and "conv" in event.key)
+    if conv_flops and not conv_us:
+        raise RuntimeError("convolution FLOPs were counted but no convolution kernel was profiled.")
+    return {"convolution_time_share": conv_us / wall_us,
             "convolution_gflop_per_s": conv_flops / (conv_us * 1e-6) / 1e9 if conv_us else 0.0,
             "convolution_gflop": conv_flops / 1e9}

@@ -204,10 +204,10 @@ def test_stage1_step_through_torch_compile_gives_the_eager_losses() -> None:
 
 
 def test_compile_benchmark_uses_an_empty_compile_cache_and_restores_the_setting(monkeypatch) -> None:
-    from benchmarks.stage1 import COMPILE_CACHE_VARIABLE, fresh_compile_cache
+    from benchmarks.stage1 import fresh_compile_cache
 
-    monkeypatch.setenv(COMPILE_CACHE_VARIABLE, "/somewhere/else")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
     with fresh_compile_cache():
-        inside = os.environ[COMPILE_CACHE_VARIABLE]
+        inside = os.environ["TORCHINDUCTOR_CACHE_DIR"]
         assert inside != "/somewhere/else" and os.listdir(inside) == []
-    assert os.environ[COMPILE_CACHE_VARIABLE] == "/somewhere/else" and not os.path.exists(inside)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else" and not os.path.exists(inside)

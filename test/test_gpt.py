@@ -162,6 +162,16 @@ def test_bf16_training_attention_on_cpu_is_written_out_and_matches_fp32(causal):
         torch.testing.assert_close(ours.grad.float(), reference.grad, atol=5e-2, rtol=0)
 
 
+def test_bf16_training_attention_on_cpu_applies_dropout_and_refuses_mask_with_causal():
+    q, k, v = (torch.randn(2, 2, 8, 4, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dropped = attention(q, k, v, None, True, 1.0)
+        kept = attention(q, k, v, None, True, 0.0)
+    assert torch.count_nonzero(dropped) == 0 and torch.count_nonzero(kept) > 0
+    with pytest.raises(ValueError, match="not both"):
+        attention(q, k, v, torch.ones(8, 8, dtype=torch.bool), True, 0.0)
+
+
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
 @pytest.mark.parametrize("prefix_len", [1, 4])
 def test_token_decoder_steps_give_the_full_forward_logits(positions, prefix_len):

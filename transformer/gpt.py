@@ -79,28 +79,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
               dropout_p: float) -> torch.Tensor:
-    """Scaled dot-product attention of ``q`` over ``k``, ``v`` [B, n_head, T, head_dim].
+    """Scaled dot-product attention of ``q`` [B, n_head, T, head_dim] over ``k``, ``v`` [B, n_head, S, head_dim].
 
-    ``mask`` (bool, True = attend) or ``is_causal`` restrict the keys each query sees. On CPU, the
+    ``mask`` (bool [T, S], True = attend) or ``is_causal`` restrict the keys each query sees. On CPU, the
     flash-attention kernel's backward in bf16 is several times slower than in fp32, and both are
     slower than bf16 batched products around a softmax (per layer of the benchmark's GPT, forward and
     backward: 9.6 ms bf16 flash, 3.4 ms fp32 flash, 1.7 ms written out), so where gradients are taken
-    in bf16 on CPU the attention is written out: one ``baddbmm`` gives the scaled scores plus the mask
-    as an additive bias, and the CPU softmax of bf16 scores computes in fp32.
+    in bf16 on CPU the attention is written out: one ``baddbmm`` gives the scaled scores (rounded to
+    bf16, as the flash kernel's bf16 path also rounds its probabilities) plus the mask as an additive
+    bias, and the CPU softmax reads the bf16 scores and computes in fp32.
     """
+    if mask is not None and is_causal:
+        raise ValueError("attention takes a mask or is_causal, not both.")
     if not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
     B, H, T, D = q.shape
     S = k.shape[-2]
     if is_causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-    bias = torch.zeros(T, S, dtype=q.dtype, device=q.device)
-    if mask is not None:
-        bias = bias.masked_fill(~mask, float("-inf"))
+    bias = q.new_zeros(()).expand(T, S) if mask is None else q.new_zeros(T, S).masked_fill(~mask, float("-inf"))
     scores = torch.baddbmm(bias.expand(B * H, T, S), q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2),
-                           alpha=D ** -0.5)
+                           beta=0.0 if mask is None else 1.0, alpha=D ** -0.5)
     probs = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
-    return torch.bmm(probs.to(v.dtype), v.reshape(B * H, S, D)).view(B, H, T, D)
+    return torch.bmm(probs, v.reshape(B * H, S, D)).view(B, H, T, D)
 
 
 class CausalSelfAttention(nn.Module):
