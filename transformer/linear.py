@@ -45,10 +45,10 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        needs_x, needs_weight = x.requires_grad, weight.requires_grad
-        ctx.save_for_backward(weight if needs_x else None, x.reshape(-1, x.shape[-1]) if needs_weight else None)
+        rows = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(weight if x.requires_grad else None, rows if weight.requires_grad else None)
         ctx.input_shape = x.shape
-        return _forward(x, weight, bias)
+        return _product(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     @once_differentiable
