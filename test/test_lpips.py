@@ -78,6 +78,34 @@ def test_gradient_reaches_the_input(model: LPIPS, images) -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_side_without_gradients_is_not_recorded(model: LPIPS, images) -> None:
+    """Against real images only the reconstruction's half of the batch goes through the backward:
+    no activation the graph saves has the doubled batch, and distance and gradient equal the batched pass."""
+    x, y = images
+    batch = x.shape[0]
+    y_split = y.clone().requires_grad_(True)
+    saved_batches = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 4:
+            saved_batches.append(tensor.shape[0])
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        distance = model(x, y_split)
+    distance.sum().backward()
+    assert batch in saved_batches and 2 * batch not in saved_batches
+
+    x_batched, y_batched = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    reference = model(x_batched, y_batched)
+    reference.sum().backward()
+    torch.testing.assert_close(distance, reference)
+    torch.testing.assert_close(y_split.grad, y_batched.grad)
+    x_only = x.clone().requires_grad_(True)
+    model(x_only, y).sum().backward()
+    torch.testing.assert_close(x_only.grad, x_batched.grad)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_matches_the_reference_lpips_package(lpips_files, images) -> None:
     reference_package = pytest.importorskip("lpips")

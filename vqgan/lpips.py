@@ -192,11 +192,25 @@ class LPIPS(nn.Module):
             raise ValueError(f"LPIPS inputs must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}.")
         if x.shape[1] not in (1, 3):
             raise ValueError(f"LPIPS expects 1 or 3 channels, got {x.shape[1]}.")
-        h = torch.cat([x, y]).expand(-1, 3, -1, -1)
-        h = (h - self.shift) / self.scale
+        if x.requires_grad == y.requires_grad:
+            features = [tap.chunk(2) for tap in self._features(torch.cat([x, y]))]
+        else:
+            # Only one side needs gradients (a reconstruction against real images): the other side's
+            # features are computed without recording, so the backward runs through half the batch.
+            fixed, moving = (x, y) if y.requires_grad else (y, x)
+            with torch.no_grad():
+                fixed_features = self._features(fixed)
+            features = list(zip(fixed_features, self._features(moving)))
         distance = x.new_zeros(x.shape[0])
-        for layer, head in zip(self.slices, self.heads):
-            h = layer(h)
-            fx, fy = F.normalize(h, dim=1, eps=NORM_EPS).chunk(2)
+        for head, (fx, fy) in zip(self.heads, features):
             distance = distance + head((fx - fy).square()).mean(dim=(1, 2, 3))
         return distance
+
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The unit-normalized (over channels) VGG activations at the five taps."""
+        h = (images.expand(-1, 3, -1, -1) - self.shift) / self.scale
+        features = []
+        for layer in self.slices:
+            h = layer(h)
+            features.append(F.normalize(h, dim=1, eps=NORM_EPS))
+        return features
