@@ -11,6 +11,7 @@ import torch
 
 from utils.config import ConfigError
 from utils.distributed import DistInfo
+from utils.host_memory import keep_freed_memory
 
 
 def resolve_device(spec: str, info: DistInfo) -> torch.device:
@@ -32,7 +33,10 @@ def device_type_of(spec: str) -> str:
 
 
 def configure_backends(device: torch.device) -> None:
-    """TF32 matmuls/convs and cuDNN autotuning on CUDA; nothing to do on CPU."""
+    """TF32 matmuls/convs and cuDNN autotuning on CUDA; on the CPU, freed activation memory kept for
+    the next step (see :mod:`utils.host_memory`)."""
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
