@@ -10,16 +10,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK_PAGES = 16 * 1024 * 1024 // 4096
-# Allocate and free eight 16 MiB tensors a few times, then count the page faults of one more round.
+# Allocate, touch and free eight 16 MiB blocks a few times, then count the page faults of one more round.
+# The blocks come from libc's malloc directly (as PyTorch's CPU tensors do): with nothing else allocated
+# between them, glibc's defaults hand them back to the kernel every round.
 PATTERN = f"""
-import resource, sys, torch
+import ctypes, ctypes.util, resource, sys
+import torch
 sys.path.insert(0, {str(ROOT)!r})
 from utils.device import configure_backends
 if sys.argv[1] == "configured":
     configure_backends(torch.device("cpu"))
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 16 * 1024 * 1024
 def round_():
-    tensors = [torch.ones(4 * 1024 * 1024) for _ in range(8)]
-    del tensors
+    blocks = [libc.malloc(size) for _ in range(8)]
+    for block in blocks:
+        ctypes.memset(block, 1, size)
+    for block in reversed(blocks):
+        libc.free(block)
 for _ in range(3):
     round_()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
