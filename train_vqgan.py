@@ -26,7 +26,7 @@ from utils.checkpoint import (
     training_checkpoint,
 )
 from utils.config import config_diff, save_config, to_dict
-from utils.device import autocast_dtype, configure_backends, describe_environment, resolve_device
+from utils.device import autocast_dtype, configure_backends, conv_memory_format, describe_environment, resolve_device
 from utils.distributed import DistInfo, wrap_ddp
 from utils.logging import TrainingLog
 from utils.loop import BadStepTracker, StopSignal, is_due
@@ -66,8 +66,7 @@ def train(cfg: Stage1Config, run_dir: Path, args: argparse.Namespace, info: Dist
     if cfg.train.init_from and resume_state is None:  # a new run from trained weights; --resume ignores it
         init_from_checkpoint(cfg.train.init_from, model, disc, cfg, verbose=info.is_main)
     set_seed(cfg.train.seed + info.rank)
-    channels_last = cfg.train.channels_last and device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = conv_memory_format(device, cfg.train.channels_last, cfg.train.compile)
     model.to(device, memory_format=memory_format)
     disc.to(device, memory_format=memory_format)
     loss_fn.to(device)

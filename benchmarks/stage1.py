@@ -21,6 +21,7 @@ from benchmarks.report import record
 from benchmarks.runtime import Runtime, optimized, reference
 from benchmarks.timing import count_flops, synchronize, time_alternating
 from utils.config import load_config
+from utils.device import conv_memory_format
 from utils.training import compile_module
 from vqgan import VQGAN, Discriminator, VQGANLoss
 from vqgan.config import Stage1Config, build_stage1
@@ -136,8 +137,8 @@ def fresh_compile_cache() -> contextlib.AbstractContextManager:
 def bench_compiled(case: Stage1Case, lpips_files: tuple[Path, Path], device: torch.device, *, reps: int,
                    warmup: int) -> dict[str, Any]:
     """Images/s of :func:`vqgan.training.stage1_step` with the models under ``torch.compile`` (as
-    ``train.compile=true`` trains) against the eager models, LPIPS and GAN on; the first compiled call,
-    compilation included (empty compile caches), is reported as ``compile_s``."""
+    ``train.compile=true`` trains them, in its memory format) against the eager models, LPIPS and GAN on;
+    the first compiled call, compilation included (empty compile caches), is reported as ``compile_s``."""
     with fresh_compile_cache():
         return _bench_compiled(case, lpips_files, device, reps=reps, warmup=warmup)
 
@@ -145,7 +146,10 @@ def bench_compiled(case: Stage1Case, lpips_files: tuple[Path, Path], device: tor
 def _bench_compiled(case: Stage1Case, lpips_files: tuple[Path, Path], device: torch.device, *, reps: int,
                     warmup: int) -> dict[str, Any]:
     cfg = case.load(True, lpips_files)
-    eager, compiled = (build_setup(cfg, case.batch, optimized(device)) for _ in range(2))
+    eager_runtime = optimized(device)
+    memory_format = conv_memory_format(device, cfg.train.channels_last, compiled=True)
+    compiled_runtime = dataclasses.replace(eager_runtime, channels_last=memory_format == torch.channels_last)
+    eager, compiled = build_setup(cfg, case.batch, eager_runtime), build_setup(cfg, case.batch, compiled_runtime)
     torch._dynamo.reset()  # a fresh compile, as a training run starts with, not one shaped by earlier cases
     compiled_model, compiled_disc = compile_module(compiled.model), compile_module(compiled.disc)
 
@@ -161,7 +165,8 @@ def _bench_compiled(case: Stage1Case, lpips_files: tuple[Path, Path], device: to
     return record(f"stage1_compiled/{case.name}",
                   f"stage-1 train {case.name} {cfg.data.image_size}px b{case.batch}, rec+LPIPS+GAN, compiled vs eager",
                   "img/s", case.batch, timings,
-                  extra={"model": case.name, "compile_s": compile_s, "runtime": eager.runtime.describe()})
+                  extra={"model": case.name, "compile_s": compile_s,
+                         "runtimes": {"compiled": compiled.runtime.describe(), "eager": eager.runtime.describe()}})
 
 
 def bench_codec(case: Stage1Case, device: torch.device, *, reps: int, warmup: int) -> list[dict[str, Any]]:

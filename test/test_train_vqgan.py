@@ -280,3 +280,34 @@ def test_overrides_may_come_before_and_after_options(config: Path, tmp_path: Pat
     run = tmp_path / "run"
     train_vqgan.main(["--config", str(config), "train.max_steps=1", "--run-dir", str(run), "train.log_every=1"])
     assert load_plain(run / "checkpoints" / "last.pt")["step"] == 1
+
+
+def stored_channels_last(module: torch.nn.Module) -> bool:
+    """Whether the convolution weights whose two layouts differ (more than one input channel and tap) are
+    channels_last; contiguous ones give False."""
+    weights = [p for p in module.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
+    assert weights
+    layouts = {w.is_contiguous(memory_format=torch.channels_last) for w in weights}
+    assert len(layouts) == 1
+    return layouts.pop()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cpu_models_are_channels_last_only_when_compiled(config: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    """Compiled CPU convolutions run channels_last, so compiled models are stored that way (no weight
+    conversion in every step); eager CPU models stay contiguous."""
+    layouts = []
+
+    def record_layout(module: torch.nn.Module) -> torch.nn.Module:
+        layouts.append(stored_channels_last(module))
+        return module  # the layout is what is checked; tracing is covered by the compiled-step tests
+
+    monkeypatch.setattr(train_vqgan, "compile_module", record_layout)
+    built = []
+    build_stage1 = train_vqgan.build_stage1
+    monkeypatch.setattr(train_vqgan, "build_stage1", lambda cfg: built.append(build_stage1(cfg)) or built[-1])
+    train(config, tmp_path / "run", "train.max_steps=1", f"train.compile={str(compiled).lower()}")
+    model, disc, _ = built[0]
+    assert stored_channels_last(model) == stored_channels_last(disc) == compiled
+    assert layouts == ([True, True] if compiled else [])

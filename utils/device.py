@@ -43,6 +43,17 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def conv_memory_format(device: torch.device, channels_last: bool, compiled: bool) -> torch.memory_format:
+    """The memory format for convolutional models and their images: ``channels_last`` (when asked for)
+    on CUDA, and on the CPU for models under ``torch.compile``, whose CPU convolutions run channels_last
+    whatever the parameters' layout: with contiguous parameters the compiled step converts every
+    convolution weight in each forward and its gradient back (50 ms per step of the 72M-parameter f16
+    model at 64x64 on 2 CPU cores, 0.9x the eager step; 1.05x with channels_last parameters). Eager CPU
+    steps stay contiguous, where channels_last made the whole step slightly slower."""
+    wanted = channels_last and (device.type == "cuda" or compiled)
+    return torch.channels_last if wanted else torch.contiguous_format
+
+
 def reads_stall(device: torch.device) -> bool:
     """Whether reading a tensor's value on the host (``float()``, ``.item()``, ``bool()``) waits for the
     work queued on ``device``: everywhere but on the CPU, which computes in the calling thread."""

@@ -28,7 +28,7 @@ class Stage1TrainConfig(TrainConfig):
     """The ``train`` section of stage 1: the shared keys plus the discriminator's and the image layout's."""
 
     disc_lr: Optional[float] = opt(None, "discriminator learning rate (default: lr)")
-    channels_last: bool = opt(True, "channels_last memory format on CUDA")
+    channels_last: bool = opt(True, "channels_last memory format on CUDA, and on the CPU under train.compile")
     init_from: Optional[str] = opt(
         None, "start a new run from the weights of this stage-1 checkpoint (autoencoder and discriminator, e.g. "
               "one made by generate.py import-taming); optimizers, step and RNG start fresh, and the model and "
