@@ -4,7 +4,7 @@ By default glibc hands large freed blocks straight back to the kernel: blocks ab
 (128 KiB, raised as it sees larger ones), and the top of the heap once more than twice that lies
 free. A training step frees its activations and allocates the same sizes again in the next step, so
 every one of those pages is faulted in anew on first touch. On the 2-core AMD EPYC VM the benchmarks
-ran on, the fashion_mnist_small stage-1 step took 20,000-40,000 page faults per step, about 5% of its
+ran on, the fashion_mnist_small stage-1 step took 22,000-42,000 page faults per step, about 5% of its
 time; with freed blocks kept, a few dozen.
 """
 
