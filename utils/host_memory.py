@@ -5,7 +5,7 @@ By default glibc hands large freed blocks straight back to the kernel: blocks ab
 free. A training step frees its activations and allocates the same sizes again in the next step, so
 every one of those pages is faulted in anew on first touch. On the 2-core AMD EPYC VM the benchmarks
 ran on, the fashion_mnist_small stage-1 step took 22,000-42,000 page faults per step, about 5% of its
-time; with freed blocks kept, a few dozen.
+time; with freed blocks kept, none.
 """
 
 from __future__ import annotations
