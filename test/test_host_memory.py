@@ -2,14 +2,17 @@
 page faults (glibc only; elsewhere the setting reports that it did not apply)."""
 
 import platform
+import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from utils.host_memory import keep_freed_memory, uses_glibc
+
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK_PAGES = 16 * 1024 * 1024 // 4096
+BLOCK_PAGES = 16 * 1024 * 1024 // resource.getpagesize()
 # Allocate, touch and free eight 16 MiB blocks a few times, then count the page faults of one more round.
 # The blocks come from libc's malloc directly (as PyTorch's CPU tensors do): with nothing else allocated
 # between them, glibc's defaults hand them back to the kernel every round.
@@ -43,14 +46,12 @@ def faults_of_one_round(mode: str) -> int:
     return int(done.stdout.split()[-1])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.skipif(not uses_glibc(), reason="glibc only")
 def test_cpu_runs_reuse_freed_memory_without_page_faults() -> None:
     assert faults_of_one_round("default") > 4 * BLOCK_PAGES  # the pattern faults with glibc's defaults
     assert faults_of_one_round("configured") < BLOCK_PAGES
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    from utils import host_memory
-
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
-    assert host_memory.keep_freed_memory() is False
+    assert keep_freed_memory() is False

@@ -22,10 +22,15 @@ MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 TRIM_THRESHOLD_BYTES = 2**31 - 1
 
 
+def uses_glibc() -> bool:
+    """Whether this process runs on Linux with glibc, whose allocator :func:`keep_freed_memory` tunes."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Have glibc keep freed blocks of up to 32 MiB for reuse instead of returning them to the kernel;
     True when the setting took effect, False where the C library is not glibc (macOS, Windows, musl)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not uses_glibc():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
