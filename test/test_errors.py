@@ -4,6 +4,7 @@ no second training in one run folder, and nothing left behind that blocks the re
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import signal
@@ -277,6 +278,40 @@ def test_force_removes_the_previous_runs_outputs(tmp_path: Path, capsys: pytest.
     assert "--force: removed the previous run's" in capsys.readouterr().out
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["mine.txt", "step_000001.png"]
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """md5 of every file under ``folder``, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("flags", [["--force"], [], ["--resume"], ["--resume", "--force"]])
+def test_a_folder_no_run_created_is_never_touched(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  flags: list[str]) -> None:
+    run = tmp_path / "mine"
+    for name, content in (("checkpoints/mine.pt", b"weights"), ("samples/holiday.png", b"photo"),
+                          ("plots/chart.png", b"chart"), ("metrics.csv", b"a,b\n1,2\n")):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(content)
+    before = folder_digest(run)
+    err = fails(train_vqgan.main, ["--config", stage1_config(tmp_path), "--run-dir", run, *flags], capsys)
+    assert "was not created by a training run" in err and "nothing was changed" in err
+    for name in ("checkpoints/mine.pt", "samples/holiday.png", "plots/chart.png", "metrics.csv"):
+        assert str(run / name) in err
+    assert folder_digest(run) == before and sorted(p.name for p in run.iterdir()) == sorted(
+        ["checkpoints", "samples", "plots", "metrics.csv"])
+
+
+def test_a_run_folder_is_marked_and_force_works_only_there(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config, run = stage1_config(tmp_path), tmp_path / "run"
+    train_vqgan.main(["--config", str(config), "--run-dir", str(run), "train.max_steps=1"])
+    marker = json.loads((run / ".vqgan-run").read_text())
+    assert marker["kind"] == "vqgan"
+    (run / ".vqgan-run").unlink()  # a folder without the mark is not the repository's to clear
+    before = folder_digest(run)
+    err = fails(train_vqgan.main, ["--config", config, "--run-dir", run, "--force"], capsys)
+    assert "was not created by a training run" in err and folder_digest(run) == before
 
 
 # ----------------------------------------------------------------------------------------------- others

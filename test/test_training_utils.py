@@ -24,7 +24,7 @@ from utils.distributed import DistInfo, init_distributed, unwrap, wrap_ddp
 from utils.logging import MetricsLogger, TrainingLog, read_metrics
 from utils.loop import BadStepTracker, StopSignal, TrainingStopped, finish_message, is_due
 from utils.pictures import image_grid, plot_training_curves, save_grid, save_reconstruction_grid
-from utils.run_dir import RunDirError, prepare_run_dir
+from utils.run_dir import RunDirError, is_marked, prepare_run_dir
 from utils.script import clean_exit
 from utils.training import ModelEMA, TensorSnapshot, lr_factor, make_adam
 
@@ -164,6 +164,16 @@ def test_prepare_run_dir_protects_existing_runs(tmp_path: Path) -> None:
         prepare_run_dir(run, changed, resume=True, force=False, kind="vqgan")
     assert prepare_run_dir(run, changed, resume=True, force=True, kind="vqgan")["step"] == 2
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]
+
+
+def test_a_run_folder_from_before_the_marker_resumes_and_is_marked(tmp_path: Path) -> None:
+    config = {"train": {"lr": 0.1}}
+    save_checkpoint({"kind": "vqgan", "model": {}, "config": config, "step": 3}, tmp_path / "checkpoints" / "last.pt")
+    (tmp_path / "metrics.csv").write_text("step\n")
+    with pytest.raises(RunDirError, match="not created by a training run"):
+        prepare_run_dir(tmp_path, config, resume=False, force=True, kind="vqgan")
+    assert prepare_run_dir(tmp_path, config, resume=True, force=False, kind="vqgan")["step"] == 3
+    assert is_marked(tmp_path)
 
 
 def test_unreadable_last_checkpoint_points_at_the_newest_periodic_one(tmp_path: Path) -> None:

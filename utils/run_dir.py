@@ -1,10 +1,15 @@
 """The run folder: start a fresh run, refuse to overwrite one, or pick up a run to resume.
 
-A folder holding a previous run is never overwritten unless ``--force``, which first removes the
+A training marks its folder as a run folder with the file ``.vqgan-run`` before it writes anything
+else. Only a marked folder is ever cleared: a folder that holds files a run would write (``config.yaml``,
+``metrics.csv``, ``checkpoints/*.pt``, ``samples/*.png``, ``plots/*.png``, TensorBoard events) but no
+mark was filled by someone else, and every script refuses it, ``--force`` included, naming those files.
+A marked folder holding a previous run is never overwritten unless ``--force``, which first removes the
 previous run's checkpoints, sample grids, plots, TensorBoard events, metrics and config (and nothing
-else). ``--resume`` continues from ``checkpoints/last.pt``; settings that only change how the run is
-driven (length, logging, sampling and checkpoint cadence, workers, device) may differ and are
-reported, while a changed model, data, loss or optimizer is refused unless ``--force``.
+else). ``--resume`` continues from ``checkpoints/last.pt`` (a run folder written before runs were marked
+is recognised by that checkpoint and marked then); settings that only change how the run is driven
+(length, logging, sampling and checkpoint cadence, workers, device) may differ and are reported, while
+a changed model, data, loss or optimizer is refused unless ``--force``.
 
 While a training uses the folder it holds ``run.lock`` (pid and host), so a second training in the
 same folder refuses to start; a lock whose process is gone is taken over. A run that ends before its
@@ -44,6 +49,7 @@ RUN_FILES = ("config.yaml", "metrics.csv")
 RUN_OUTPUTS = {"checkpoints": ("*.pt", ".*.tmp[0-9]*"), "samples": ("*.png",), "plots": ("*.png",),
                "tensorboard": ("events.out.tfevents.*",)}
 LOCK_NAME = "run.lock"
+MARKER_NAME = ".vqgan-run"
 
 
 class RunDirError(RuntimeError):
@@ -67,31 +73,60 @@ def check_writable(folder: Path) -> None:
 
 def prepare_run_dir(run_dir: Path, config: dict[str, Any], *, resume: bool, force: bool,
                     kind: str) -> dict[str, Any] | None:
-    """Check the run folder and return the checkpoint to resume from (or None for a fresh run).
+    """Check the run folder, mark it as a run folder and return the checkpoint to resume from (or None).
 
     Temporary files left by a checkpoint write that was killed are removed.
     """
     checkpoints = run_dir / "checkpoints"
     last = checkpoints / "last.pt"
-    has_run = any((run_dir / name).exists() for name in ("config.yaml", "metrics.csv")) or any(checkpoints.glob("*.pt"))
-    if resume and not last.exists():
-        print(f"--resume: no checkpoint in {checkpoints} yet; starting from step 0.")
-    elif resume:
-        state = _load_last(last, kind)
+    if resume and last.exists():
+        state = _load_last(last, kind)  # a checkpoint of this kind: the folder is a run's, marked or not
         _check_resume_changes(state, config, force)
         check_writable(run_dir)
+        mark_run_dir(run_dir, kind)
         remove_stale_temp_files(checkpoints)
         return state
-    elif has_run and not force:
+    previous = run_outputs(run_dir)
+    if previous and not is_marked(run_dir):
+        shown = "\n  ".join(str(path) for path in previous[:10])
+        more = f"\n  ... and {len(previous) - 10} more" if len(previous) > 10 else ""
+        raise RunDirError(f"run folder '{run_dir}' was not created by a training run (it has no {MARKER_NAME} "
+                          f"file), but it holds files that a run writes and --force would remove:\n  {shown}{more}\n"
+                          f"They are not this repository's to overwrite, so nothing was changed. Pick another "
+                          f"folder with --run-dir, or move those files away.")
+    if resume:
+        print(f"--resume: no checkpoint in {checkpoints} yet; starting from step 0.")
+    elif previous and not force:
         raise RunDirError(f"run folder '{run_dir}' already holds a run. Use --resume to continue it, "
                           f"--force to start over in it (its checkpoints, samples and metrics are removed), "
                           f"or --run-dir to pick another folder.")
-    elif has_run:
+    elif previous:
         remove_previous_run(run_dir)
     check_writable(run_dir)
+    mark_run_dir(run_dir, kind)
     if checkpoints.is_dir():
         remove_stale_temp_files(checkpoints)
     return None
+
+
+def run_outputs(run_dir: Path) -> list[Path]:
+    """The files in ``run_dir`` that a run writes (see ``RUN_FILES`` and ``RUN_OUTPUTS``), sorted."""
+    found = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+    for folder, patterns in RUN_OUTPUTS.items():
+        found += [path for pattern in patterns for path in (run_dir / folder).glob(pattern) if path.is_file()]
+    return sorted(found)
+
+
+def is_marked(run_dir: Path) -> bool:
+    """Whether a training run created ``run_dir`` (it holds the marker file)."""
+    return (run_dir / MARKER_NAME).is_file()
+
+
+def mark_run_dir(run_dir: Path, kind: str) -> None:
+    """Write the marker that makes ``run_dir`` a run folder (kept when it is there already)."""
+    if not is_marked(run_dir):
+        (run_dir / MARKER_NAME).write_text(json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                           + "\n")
 
 
 def _check_resume_changes(state: dict[str, Any], config: dict[str, Any], force: bool) -> None:
@@ -156,10 +191,10 @@ def prepare_run(run_dir: Path, config: dict[str, Any], *, resume: bool, force: b
 
 
 def remove_previous_run(run_dir: Path) -> None:
-    """Delete what a previous run wrote into ``run_dir`` (see ``RUN_FILES`` and ``RUN_OUTPUTS``), saying what."""
-    removed = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
-    for folder, patterns in RUN_OUTPUTS.items():
-        removed += [path for pattern in patterns for path in (run_dir / folder).glob(pattern) if path.is_file()]
+    """Delete what a previous run wrote into the marked ``run_dir`` (see :func:`run_outputs`), saying what."""
+    if not is_marked(run_dir):
+        raise RunDirError(f"refusing to clear '{run_dir}': it is not a run folder (no {MARKER_NAME} file).")
+    removed = run_outputs(run_dir)
     for path in removed:
         path.unlink()
     for folder in RUN_OUTPUTS:
@@ -269,7 +304,7 @@ def _exit_on_sigterm() -> Any:
 def _remove_new_run_files(run_dir: Path, before: set[str], started: int) -> None:
     """Remove the run files and outputs written into ``run_dir`` since ``started`` (ns): new folders whole, files
     in folders that were there before only when written since then."""
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, MARKER_NAME):
         path = run_dir / name
         if path.is_file() and (name not in before or path.stat().st_mtime_ns >= started):
             path.unlink()
