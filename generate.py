@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,9 +31,10 @@ from tqdm import tqdm
 from dataloader import DataError
 from dataloader.inputs import ImageSet, data_config_of, resolve_images
 from transformer import VQGANPrior
-from transformer.config import Stage2Config
+from transformer.config import Stage2Config, check_sampling
+from transformer.sampling import SamplingConfig
 from utils.checkpoint import load_checkpoint
-from utils.config import from_dict
+from utils.config import ConfigError, check_number, from_dict
 from utils.evaluation.inception import InceptionWeightsError, load_inception
 from utils.evaluation.reconstruction import (
     FeatureSet,
@@ -41,6 +43,7 @@ from utils.evaluation.reconstruction import (
     generation_fid,
     reconstruct_batches,
 )
+from utils.logging import MetricsFileError, read_metrics
 from utils.pictures import (
     prior_samples_picture,
     save_grid,
@@ -49,7 +52,7 @@ from utils.pictures import (
     tokenizer_pictures,
     training_curves_picture,
 )
-from utils.script import clean_exit
+from utils.script import StrictParser, clean_exit
 from utils.taming_files import import_taming
 from vqgan import LPIPS, VQGAN, LPIPSWeightsError, LPIPSWeightsMismatchError
 
@@ -76,12 +79,14 @@ def pick_device(spec: str) -> torch.device:
 
 
 def output_folder(spec: str) -> Path:
-    """The ``--out`` folder, checked before any work: it must be a folder or a name one can be created at."""
+    """The ``--out`` folder, checked before any work: it must be a folder or a name one can be created at, and
+    writable."""
     out = Path(spec)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {spec} is an existing file, but it names the folder to write into. Pick a folder "
                          f"name (it is created), or move the file away.")
     _check_creatable(out, spec)
+    _check_writable(out, spec)
     return out
 
 
@@ -93,6 +98,7 @@ def output_file(spec: str, suffix: str) -> Path:
         raise UsageError(f"--out {spec} is a folder, but it names the {suffix} file to write. Pass a file name, "
                          f"e.g. tokens{suffix}.")
     _check_creatable(out.parent, spec)
+    _check_writable(out.parent, spec)
     return out
 
 
@@ -104,6 +110,17 @@ def _check_creatable(folder: Path, spec: str) -> None:
     if not existing.is_dir():
         raise UsageError(f"--out {spec}: '{existing}' is a file, so no folder can be created inside it. Pick "
                          f"another path.")
+
+
+def _check_writable(folder: Path, spec: str) -> None:
+    """Create ``folder`` and prove a file can be written in it, so a long job cannot fail at its end."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test"):
+            pass
+    except OSError as err:
+        raise UsageError(f"--out {spec}: cannot write to '{folder}' ({err.strerror or err}). Pick a folder you can "
+                         f"write to, or fix its permissions / free disk space.") from err
 
 
 def image_shape(vqgan: VQGAN) -> dict[str, int]:
@@ -130,6 +147,11 @@ def sampling_settings(prior: VQGANPrior, state: dict, args: argparse.Namespace) 
     settings = {key: getattr(defaults, key) if value is None else value for key, value in given.items()}
     if settings["top_k"] == 0:
         settings["top_k"] = None
+    try:
+        check_sampling(SamplingConfig(**settings), {key: "--" + key.replace("_", "-") for key, value in given.items()
+                                                    if value is not None})
+    except ConfigError as err:
+        raise UsageError(str(err)) from err
     if not prior.class_conditional:
         if given["cfg_scale"] not in (None, 1.0):
             raise UsageError(f"--cfg-scale {given['cfg_scale']} needs a class-conditional prior, and this one is "
@@ -138,16 +160,22 @@ def sampling_settings(prior: VQGANPrior, state: dict, args: argparse.Namespace) 
     return settings
 
 
-def sample_labels(prior: VQGANPrior, classes: list[int] | None, num: int) -> torch.Tensor | None:
-    """One class per sample: the ``--class`` ids in turn, or classes 0..C-1 in turn when none are given."""
+def class_cycle(prior: VQGANPrior, classes: list[int] | None) -> torch.Tensor | None:
+    """The class ids samples take in turn: the ``--class`` ids, or 0..C-1 when none are given (None for an
+    unconditional prior)."""
     if classes is None:
-        return torch.arange(num) % prior.num_classes if prior.class_conditional else None
+        return torch.arange(prior.num_classes) if prior.class_conditional else None
     requested = torch.tensor(classes, dtype=torch.long)
     try:
         prior.check_labels(requested)
     except ValueError as err:
         raise UsageError(f"--class: {err}") from err
-    return requested.repeat(math.ceil(num / len(classes)))[:num]
+    return requested
+
+
+def sample_labels(cycle: torch.Tensor | None, start: int, count: int) -> torch.Tensor | None:
+    """The classes of samples ``start`` to ``start + count - 1``: sample i takes ``cycle[i mod len(cycle)]``."""
+    return None if cycle is None else cycle[torch.arange(start, start + count) % len(cycle)]
 
 
 def load_vqgan(path: str, device: torch.device) -> tuple[VQGAN, dict]:
@@ -187,7 +215,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out = output_folder(args.out)
     prior, state = load_prior(args.checkpoint, device)
     settings = sampling_settings(prior, state, args)
-    labels = sample_labels(prior, args.classes, args.num)
+    cycle = class_cycle(prior, args.classes)
     reference = input_images(args.fid_ref, prior.vqgan, state) if args.fid_ref else None
     if reference is not None and args.num < 2:
         raise UsageError("FID needs at least 2 samples; raise --num (thousands for a meaningful value).")
@@ -197,8 +225,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     shown: list[torch.Tensor] = []
     for start in tqdm(range(0, args.num, args.batch_size), desc="sampling", dynamic_ncols=True):
         count = min(args.batch_size, args.num - start)
-        chunk = None if labels is None else labels[start:start + count]
-        _, images = prior.sample(count, chunk, generator=generator, **settings)
+        _, images = prior.sample(count, sample_labels(cycle, start, count), generator=generator, **settings)
         images = images.clamp(-1, 1).float().cpu()
         save_images(images, out, start)
         shown.append(images[:max(0, GRID_IMAGES - start)])
@@ -321,6 +348,8 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     if metrics_csv is not None and not metrics_csv.is_file():
         raise UsageError(f"--run-dir {args.run_dir} has no metrics.csv; pass a run folder written by "
                          f"train_vqgan.py or train_transformer.py.")
+    if metrics_csv is not None:
+        read_metrics(metrics_csv)  # a malformed file is reported before any picture is drawn
     images = input_images(args.input, vqgan, state, args.num)
     loader = images.loader(args.batch_size)
     written = tokenizer_pictures(vqgan, tqdm(loader, desc="encoding", dynamic_ncols=True), device, out)
@@ -342,32 +371,33 @@ def cmd_import_taming(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def cli_number(parse: Callable[[str], int | float], minimum: float | None = None, exclusive: bool = False,
+               maximum: float | None = None) -> Callable[[str], int | float]:
+    """An argparse ``type``: ``parse`` the text, then require a finite number within the 64-bit range and
+    ``[minimum, maximum]`` (``minimum`` excluded when ``exclusive``)."""
+    def convert(text: str) -> int | float:
+        try:
+            value = check_number("the value", parse(text))
+        except (ValueError, ConfigError) as err:
+            kind = "an integer" if parse is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"expected {kind} within +-9.2e18, got {text!r}") from err
+        low_ok = minimum is None or (value > minimum if exclusive else value >= minimum)
+        if not low_ok or (maximum is not None and value > maximum):
+            low = "" if minimum is None else f"{'above' if exclusive else 'at least'} {minimum:g}"
+            high = "" if maximum is None else f"at most {maximum:g}"
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(filter(None, (low, high)))}, got {text}")
+        return value
+
+    convert.__name__ = parse.__name__  # argparse names the type in its messages
+    return convert
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+positive_int = cli_number(int, minimum=1)
+non_negative_int = cli_number(int, minimum=0)
+any_int = cli_number(int)
+finite_float = cli_number(float)
+positive_float = cli_number(float, minimum=0, exclusive=True)
+probability = cli_number(float, minimum=0, exclusive=True, maximum=1)
 
 
 def add_common(parser: argparse.ArgumentParser, checkpoint_help: str, batch_size: int = 64) -> None:
@@ -387,7 +417,7 @@ def add_input(parser: argparse.ArgumentParser, default: str | None = None, num_d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StrictParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     stage1 = "stage-1 checkpoint (runs/<name>/checkpoints/last.pt of train_vqgan.py)"
 
@@ -404,9 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the k most likely codes; 0 = off (default: the checkpoint's sample.top_k)")
     sample.add_argument("--top-p", type=probability, default=None,
                         help="nucleus sampling mass; 1 = off (default: the checkpoint's sample.top_p)")
-    sample.add_argument("--cfg-scale", type=float, default=None,
+    sample.add_argument("--cfg-scale", type=finite_float, default=None,
                         help="classifier-free guidance scale, 1 = off (default: the checkpoint's sample.cfg_scale)")
-    sample.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
+    sample.add_argument("--seed", type=any_int, default=0, help="random seed; the same seed gives the same images")
     sample.add_argument("--fid-ref", default=None,
                         help="also compute FID against these real images: 'test', a YAML config or a folder")
     sample.add_argument("--inception", default=None, help="FID Inception weights file (default: found locally)")
@@ -441,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--out", required=True, help="folder for the PNGs")
     visualize.add_argument("--run-dir", default=None, help="run folder whose metrics.csv to plot")
     visualize.add_argument("--per-class", type=positive_int, default=8, help="samples per class row (stage 2)")
-    visualize.add_argument("--seed", type=int, default=0, help="random seed of the samples")
+    visualize.add_argument("--seed", type=any_int, default=0, help="random seed of the samples")
     visualize.set_defaults(run=cmd_visualize)
 
     taming = commands.add_parser("import-taming", help="convert a taming-transformers VQGAN checkpoint (.ckpt) "
@@ -465,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
-    with clean_exit(DataError, UsageError, InceptionWeightsError, LPIPSWeightsMismatchError):
+    with clean_exit(DataError, UsageError, InceptionWeightsError, LPIPSWeightsMismatchError, MetricsFileError):
         with torch.no_grad():
             run(args)
 

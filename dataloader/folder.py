@@ -61,7 +61,8 @@ def _scan(root: Path) -> tuple[list[Path], Counter]:
     found: list[Path] = []
     skipped: Counter = Counter()
     seen = {os.path.realpath(root)}
-    for directory, subdirs, files in os.walk(root, followlinks=True):
+    unreadable: list[OSError] = []
+    for directory, subdirs, files in os.walk(root, followlinks=True, onerror=unreadable.append):
         kept = []
         for name in sorted(subdirs):  # sorted: the same link wins on every scan
             real = os.path.realpath(os.path.join(directory, name))
@@ -81,8 +82,14 @@ def _scan(root: Path) -> tuple[list[Path], Counter]:
                 skipped[f"file(s) without an image extension ({', '.join(EXTENSIONS)})"] += 1
             elif not path.exists():
                 skipped["broken symlink(s)"] += 1
+            elif not path.is_file():  # a named pipe or a device would block or never end when read
+                skipped["special file(s) that are not regular files (pipes, sockets, devices)"] += 1
             else:
                 found.append(path)
+    if unreadable:
+        shown = "; ".join(f"'{err.filename}' ({err.strerror})" for err in unreadable[:3])
+        more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        skipped[f"unreadable folder(s), whose images are not used: {shown}{more}"] = len(unreadable)
     return sorted(found), skipped
 
 
@@ -91,7 +98,8 @@ def folder_fingerprint(root: str | Path) -> str:
     digest = hashlib.sha256()
     for path in _scan(Path(root))[0]:
         stat = path.stat()
-        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(path.relative_to(root)))  # bytes: a name need not be valid UTF-8
+        digest.update(f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -210,6 +218,17 @@ def _listed(directory: Path) -> list[Path]:
     return paths
 
 
+def _warn_about_empty_classes(every: list[tuple[Path, Path]], names: list[str]) -> None:
+    """Warn about subfolders of the class folders' parents that hold no images: they are not classes, so the
+    class count is lower than the folder count suggests."""
+    empty = sorted({f"{base / entry.name}" for base in {b for _, b in every} for entry in os.scandir(base)
+                    if entry.is_dir() and not entry.name.startswith(".") and entry.name not in names})
+    if empty:
+        warnings.warn(f"{len(empty)} class folder(s) hold no images and are not classes: {', '.join(empty[:5])}"
+                      f"{' ...' if len(empty) > 5 else ''}. The data has {len(names)} classes "
+                      f"({', '.join(names[:10])}{' ...' if len(names) > 10 else ''}).", stacklevel=3)
+
+
 def _class_of(path: Path, base: Path) -> str:
     parts = path.relative_to(base).parts
     if len(parts) < 2:
@@ -245,6 +264,7 @@ def load_folder(root: str | Path, split: str, image_size: int, channels: int, cl
     labels = [0] * len(chosen)
     if class_labels:
         names = sorted({_class_of(p, base) for p, base in every})
+        _warn_about_empty_classes(every, names)
         index = {name: i for i, name in enumerate(names)}
         labels = [index[_class_of(p, base)] for p, base in chosen]
     return FolderDataset([p for p, _ in chosen], labels, names, image_size, channels, augment, skip_bad_images,

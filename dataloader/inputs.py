@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from torch.utils.data import Dataset, Subset
 
-from utils.config import ConfigError, DataConfig, from_dict
+from utils.config import ConfigError, DataConfig, from_dict, parse_yaml
 
 from .datasets import build_dataset, num_classes_of
 from .errors import DatasetNotFoundError
@@ -63,9 +63,11 @@ def data_config_of(config: dict) -> DataConfig:
 def read_data_section(path: Path) -> DataConfig:
     """The ``data`` section of a YAML config file, validated."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file '{path}' cannot be read ({err}). Pass a YAML text file.") from err
     if not isinstance(raw, dict) or "data" not in raw:
         raise ConfigError(f"config file '{path}' has no 'data' section, so it does not say which images to use.")
     return data_config_of(raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,6 @@ from utils.checkpoint import (
     load_checkpoint,
     load_state_dict_checked,
     remove_stale_temp_files,
-    rng_state,
     save_checkpoint,
     set_rng_state,
     training_checkpoint,
@@ -34,7 +34,8 @@ class Payload:
 
 
 def small_state(value: float = 1.0) -> dict:
-    return training_checkpoint("vqgan", 3, {"train": {"lr": 0.1}}, model={"w": torch.full((2, 2), value)})
+    return training_checkpoint("vqgan", 3, {"train": {"lr": 0.1}}, model={"w": torch.full((2, 2), value)},
+                               model_config={})
 
 
 def test_round_trip_holds_plain_values_only(tmp_path: Path) -> None:
@@ -152,10 +153,32 @@ def test_rng_state_round_trip(tmp_path: Path) -> None:
     random.seed(1)
     torch.manual_seed(1)
     path = tmp_path / "rng.pt"
-    save_checkpoint({"kind": "x", "model": {}, "rng": rng_state()}, path)
+    save_checkpoint(small_state(), path)
     expected = (torch.rand(3), random.random())
     torch.manual_seed(2)
     random.seed(2)
-    set_rng_state(load_checkpoint(path)["rng"])
+    set_rng_state(torch.load(path, weights_only=True)["rng"])
     got = (torch.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and expected[1] == got[1]
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"config": None}, "'config' (missing)"),
+    ({"step": "3"}, "'step' (a str)"),
+    ({"model_config": [1]}, "'model_config' (a list)"),
+    ({"kind": "mystery"}, "names its kind 'mystery'"),
+])
+def test_checkpoints_are_checked_as_a_whole(tmp_path: Path, change: dict, expected: str) -> None:
+    state = small_state()
+    state.update(change)
+    state = {k: v for k, v in state.items() if v is not None}
+    save_checkpoint(state, tmp_path / "ck.pt")
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        load_checkpoint(tmp_path / "ck.pt")
+
+
+def test_resuming_needs_the_optimizer_and_rng_states(tmp_path: Path) -> None:
+    save_checkpoint(small_state(), tmp_path / "ck.pt")
+    assert load_checkpoint(tmp_path / "ck.pt")["step"] == 3
+    with pytest.raises(CheckpointError, match="incomplete: 'disc' \\(missing\\), 'opt_ae'.*Resuming needs"):
+        load_checkpoint(tmp_path / "ck.pt", resume=True)

@@ -23,10 +23,10 @@ from tiny_training import REPO, STAGE1, STAGE2, load_plain, start, write_config
 import generate
 import train_transformer
 import train_vqgan
-from dataloader.folder import list_images
+from dataloader.folder import list_images, load_folder
 from utils import checkpoint
 from utils.checkpoint import CheckpointError, save_checkpoint
-from utils.config import ConfigError, DataConfig, building
+from utils.config import ConfigError, DataConfig, apply_overrides, building
 from utils.pictures import class_rows
 
 TIMEOUT_S = 60
@@ -89,6 +89,14 @@ def stage1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["loss.disc_weight=-1"], ["loss.disc_weight", "-1"]),
     (["train.num_workers=0"], ["'train.num_workers'", "Did you mean 'data.num_workers'"]),
     (["model=3"], ["override 'model=3' must look like section.key=value"]),
+    (["model.codebook_size=99999999999999999999999"], ["model.codebook_size=99999999999999999999999 is out of range"]),
+    (["train.seed=99999999999999999999999"], ["train.seed=99999999999999999999999 is out of range"]),
+    (["train.seed=-5"], ["train.seed must be 0 or more, got -5"]),
+    (["train.lr=.inf"], ["train.lr must be a finite number, got inf"]),
+    (["loss.disc_weight=nan"], ["loss.disc_weight must be a finite number, got nan"]),
+    (["train.device=mps"], ["train.device must be auto, cpu, cuda or cuda:N, got mps"]),
+    (["train.dist_timeout=0"], ["train.dist_timeout must be positive"]),
+    (["model.codebook_size=1000000000000"], ["out of memory", "model.codebook_size"]),
 ])
 def test_bad_stage1_values_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixture, overrides: list[str],
                                         expected: list[str]) -> None:
@@ -120,6 +128,35 @@ def test_config_file_that_is_not_a_mapping(tmp_path: Path, capsys: pytest.Captur
     bare.write_text("just a sentence\n")
     err = fails(train_vqgan.main, ["--config", bare, "train.lr=1e-4"], capsys)
     assert "bare.yaml' must hold a mapping of sections" in err and "str" in err
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1: {ch: 32}\n", "unknown config section '1'"),
+    ("model:\n  ch: 32\nmodel:\n  codebook_size: 512\n",
+     "the key 'model' appears twice in one mapping (lines 1 and 3)"),
+    ("train:\n  lr: 0.1\n  lr: 0.2\n", "the key 'lr' appears twice in one mapping (lines 2 and 3)"),
+    ("", "holds no settings (it is empty or only comments)"),
+    ("# only a comment\n", "holds no settings"),
+])
+def test_config_files_that_would_silently_mislead(tmp_path: Path, capsys: pytest.CaptureFixture, text: str,
+                                                  expected: str) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    assert expected in fails(train_vqgan.main, ["--config", config, "--run-dir", tmp_path / "run"], capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_flag_given_twice_or_naming_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = stage1_config(tmp_path)
+    err = fails(train_vqgan.main, ["--config", config, "--config", config, "--run-dir", tmp_path / "run"], capsys)
+    assert "--config was given twice" in err
+    err = fails(train_vqgan.main, ["--config", tmp_path, "--run-dir", tmp_path / "run"], capsys)
+    assert f"config file '{tmp_path}' is a folder" in err
+    os.mkfifo(tmp_path / "pipe.yaml")
+    err = fails(train_vqgan.main, ["--config", tmp_path / "pipe.yaml", "--run-dir", tmp_path / "run"], capsys)
+    assert "pipe.yaml' is not a regular file" in err
+    with pytest.raises(ConfigError, match="appears twice"):
+        apply_overrides({}, ["train.betas={a: 1, a: 2}"])
 
 
 @pytest.mark.parametrize("script, config, other", [
@@ -205,6 +242,48 @@ def test_symlink_loop_is_scanned_once_and_reported(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"left out .*file\(s\) without an image extension.*2 symlinked folder"):
         found = list_images(images)
     assert found == [images / "a" / "00.png", images / "a" / "01.png"]
+
+
+def test_only_regular_files_are_read(tmp_path: Path) -> None:
+    images = image_folder(tmp_path / "images", count=2)
+    os.mkfifo(images / "pipe.png")  # opening a named pipe for reading blocks until someone writes to it
+    with pytest.warns(UserWarning, match=r"left out 1 special file\(s\) that are not regular files"):
+        assert list_images(images) == [images / "00.png", images / "01.png"]
+
+
+def test_unreadable_subfolder_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = image_folder(tmp_path / "images" / "a", count=2).parent
+    locked = image_folder(images / "locked", count=3)
+    real_scandir = os.scandir
+
+    def scandir(path: object = "."):  # root reads every folder, so refuse this one as the kernel would a user
+        if Path(os.fsdecode(path)) == locked:
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.warns(UserWarning, match=rf"1 unreadable folder\(s\), whose images are not used: '{locked}' "
+                                         rf"\(Permission denied\)"):
+        assert list_images(images) == [images / "a" / "00.png", images / "a" / "01.png"]
+
+
+def test_an_empty_class_folder_is_named(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    for name in ("cat", "dog"):
+        image_folder(images / name, count=2)
+    (images / "bird").mkdir()
+    with pytest.warns(UserWarning, match=r"1 class folder\(s\) hold no images and are not classes: .*bird\. "
+                                         r"The data has 2 classes \(cat, dog\)"):
+        dataset = load_folder(images, "train", 16, 3, class_labels=True)
+    assert dataset.class_names == ["cat", "dog"]
+
+
+def test_a_file_name_that_is_not_utf8_keys_the_token_cache(stage1: Path, tmp_path: Path) -> None:
+    images = image_folder(tmp_path / "images", count=3)
+    os.rename(images / "01.png", os.fsencode(images) + b"/caf\xe9.png")  # Latin-1 bytes, invalid as UTF-8
+    data = DataConfig(name="folder", root=str(images), image_size=16)
+    assert train_transformer.token_cache_path(stage1, data, "train") == train_transformer.token_cache_path(
+        stage1, data, "train")
 
 
 def test_token_cache_key_follows_the_folder_contents(stage1: Path, tmp_path: Path) -> None:
@@ -312,6 +391,57 @@ def test_a_run_folder_is_marked_and_force_works_only_there(tmp_path: Path, capsy
     before = folder_digest(run)
     err = fails(train_vqgan.main, ["--config", config, "--run-dir", run, "--force"], capsys)
     assert "was not created by a training run" in err and folder_digest(run) == before
+
+
+# ------------------------------------------------------------------------------------ processes and signals
+
+def test_world_size_without_torchrun_is_explained(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    err = fails(train_vqgan.main, ["--config", stage1_config(tmp_path), "--run-dir", tmp_path / "run"], capsys)
+    assert "WORLD_SIZE=2 is set, but RANK and MASTER_ADDR and MASTER_PORT are not" in err and "torchrun" in err
+
+
+def test_a_group_that_never_fills_ends_within_the_timeout(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    started = time.monotonic()
+    err = fails(train_vqgan.main, ["--config", stage1_config(tmp_path), "--run-dir", tmp_path / "run",
+                                   "train.dist_timeout=2"], capsys)
+    assert time.monotonic() - started < 30
+    assert f"rank 0: waiting for all 2 processes to join at 127.0.0.1:{port} (up to 2 s" in err
+    assert f"rank 0 could not join the group of 2 processes at 127.0.0.1:{port} within 2 s" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_signal_stops_at_once_and_says_what_is_saved(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    process = start([str(REPO / "train_vqgan.py"), "--config", str(stage1_config(tmp_path)), "--run-dir", str(run),
+                     "train.max_steps=100000", "train.log_every=1"], tmp_path)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (run / "metrics.csv").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=TIMEOUT_S)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert "Received SIGINT: saving a checkpoint after this step" in err
+    if (run / "checkpoints" / "last.pt").is_file():  # the step had ended: saved before the second signal came
+        assert "Continue with --resume" in out + err
+    else:
+        assert "interrupted before the first checkpoint was saved, so there is nothing to resume" in err
+        assert not run.exists()
 
 
 # ----------------------------------------------------------------------------------------------- others

@@ -108,9 +108,13 @@ def test_sample_writes_native_size_images_and_a_grid_and_is_seeded(ckpts: Checkp
 
 def test_sample_labels_cycle_and_settings_default_to_the_checkpoint(ckpts: Checkpoints) -> None:
     prior, state = generate.load_prior(ckpts.prior, torch.device("cpu"))
-    assert generate.sample_labels(prior, None, 12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
-    assert generate.sample_labels(prior, [3], 3).tolist() == [3, 3, 3]
-    assert generate.sample_labels(prior, [1, 7], 5).tolist() == [1, 7, 1, 7, 1]
+    def labels(classes: list[int] | None, start: int, count: int) -> list[int]:
+        return generate.sample_labels(generate.class_cycle(prior, classes), start, count).tolist()
+
+    assert labels(None, 0, 12) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert labels(None, 10**12, 3) == [0, 1, 2]  # any sample's class, without a tensor of every sample's
+    assert labels([3], 0, 3) == [3, 3, 3]
+    assert labels([1, 7], 0, 5) == [1, 7, 1, 7, 1] and labels([1, 7], 3, 2) == [7, 1]
 
     def settings(**given: float | None) -> dict:
         flags = {"temperature": None, "top_k": None, "top_p": None, "cfg_scale": None, **given}
@@ -120,9 +124,11 @@ def test_sample_labels_cycle_and_settings_default_to_the_checkpoint(ckpts: Check
     assert settings(top_k=0, temperature=0.5, cfg_scale=2.0) == {"temperature": 0.5, "top_k": None, "top_p": None,
                                                                   "cfg_scale": 2.0}
     unconditional, state = generate.load_prior(ckpts.unconditional, torch.device("cpu"))
-    assert generate.sample_labels(unconditional, None, 4) is None
+    assert generate.sample_labels(generate.class_cycle(unconditional, None), 0, 4) is None
     with pytest.raises(generate.UsageError, match="cfg-scale"):
         generate.sampling_settings(unconditional, state, argparse.Namespace(cfg_scale=2.0))
+    with pytest.raises(generate.UsageError, match="--cfg-scale must be 0 or more"):
+        settings(cfg_scale=-1.0)
 
 
 def test_reconstruct_writes_pairs_and_metrics_that_match_utils_metrics(ckpts: Checkpoints, tmp_path: Path,
@@ -268,6 +274,54 @@ def test_clean_errors(case: str, ckpts: Checkpoints, tmp_path: Path, capsys: pyt
     args, expected = commands[case]
     assert expected in fails(capsys, *args, "--out", out)
     assert not out.exists() or not pngs(out)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--cfg-scale", "nan"], "argument --cfg-scale: expected a finite number"),
+    (["--temperature", "inf"], "argument --temperature: expected a finite number"),
+    (["--seed", "99999999999999999999999"], "argument --seed: expected an integer within"),
+    (["--num", "99999999999999999999999"], "argument --num: expected an integer within"),
+    (["--top-p", "0"], "argument --top-p: must be above 0 and at most 1"),
+    (["--num", "2", "--num", "3"], "--num was given twice"),
+])
+def test_command_line_numbers_are_checked_before_any_work(flags: list[str], expected: str, ckpts: Checkpoints,
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert expected in fails(capsys, "sample", "--checkpoint", ckpts.prior, "--out", tmp_path / "out", *flags)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_is_reported_before_sampling(ckpts: Checkpoints, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    sampled = []
+    monkeypatch.setattr(generate.tempfile, "NamedTemporaryFile", refused)  # root may write anywhere: simulate it
+    monkeypatch.setattr(generate.VQGANPrior, "sample", lambda *a, **k: sampled.append(1))
+    err = fails(capsys, "sample", "--checkpoint", ckpts.prior, "--out", tmp_path / "out", "--num", 2)
+    assert f"cannot write to '{tmp_path / 'out'}' (Permission denied)" in err and not sampled
+
+
+def test_checkpoint_without_its_config_is_named(ckpts: Checkpoints, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    state = torch.load(ckpts.stage1, weights_only=True)
+    del state["config"]
+    torch.save(state, tmp_path / "no_config.pt")
+    err = fails(capsys, "reconstruct", "--checkpoint", tmp_path / "no_config.pt", "--input", "test", "--out",
+                tmp_path / "out")
+    assert "no_config.pt' is a stage-1 (VQGAN) checkpoint" in err and "incomplete: 'config' (missing)" in err
+
+
+def test_malformed_metrics_csv_is_reported_before_any_picture(ckpts: Checkpoints, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.csv").write_text("step,rec_loss\n1,0.5\n2,oops\n")
+    err = fails(capsys, "visualize", "--checkpoint", ckpts.stage1, "--run-dir", run_dir, "--out", tmp_path / "out",
+                "--num", 2)
+    assert "metrics.csv', line 3, column 'rec_loss': 'oops' is not a number" in err
+    assert not list((tmp_path / "out").glob("*.png"))
 
 
 def test_lpips_with_weight_files(ckpts: Checkpoints, tmp_path: Path, lpips_files) -> None:

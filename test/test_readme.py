@@ -52,9 +52,17 @@ def test_config_reference_matches_the_code():
                                    "and `python train_transformer.py --describe-config`")
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_setup_and_test_commands():
+    """.ci/run reads both commands from the README; its reader finds exactly the ones users are shown."""
+    script = (REPO / ".ci" / "run").read_text()
+    reader = re.search(r"^readme_command\(\) \{\n.*?^\}\n", script, flags=re.S | re.M).group(0)
+    found = {heading: subprocess.run(["bash", "-c", f"{reader}readme_command {heading}"], cwd=REPO, check=True,
+                                     capture_output=True, text=True).stdout.strip()
+             for heading in ("Setup", "Tests")}
     (test_command,) = [c for c in readme_commands() if c[0] == "pytest"]
-    assert shlex.join(test_command) in (REPO / ".ci" / "run").read_text()
+    assert found == {"Setup": "pip install -r requirements.txt", "Tests": shlex.join(test_command)}
+    assert 'bash -euo pipefail -c "$setup_command"' in script and 'bash -euo pipefail -c "$test_command"' in script
+    assert "python3 -m venv" in script
 
 
 def test_images_exist_and_are_small():

@@ -224,7 +224,8 @@ def test_resume_continues_with_a_longer_run_and_new_cadence(config: Path, tmp_pa
 def test_stage2_checkpoint_in_a_stage1_run_folder(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     last.parent.mkdir(parents=True)
-    torch.save({"kind": "transformer", "model": {}, "config": {}, "step": 1}, last)
+    torch.save({"kind": "transformer", "model": {}, "config": {}, "step": 1, "prior_config": {}, "vqgan": {},
+                "vqgan_config": {}}, last)
     err = fails(config, tmp_path / "run", capsys, "--resume")
     assert "stage-2 (GPT prior) checkpoint" in err and "stage-1 (VQGAN) checkpoint" in err and "needed" in err
 

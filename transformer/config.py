@@ -45,9 +45,17 @@ class Stage2Config:
         check(t.positions != "rotary" or head % 2 == 0,
               f"transformer.positions=rotary needs an even head size, but transformer.n_embd={t.n_embd} / "
               f"transformer.n_head={t.n_head} = {head}; e.g. transformer.n_embd={t.n_head * (head + 1)}.")
-        s = self.sample
-        check_value("sample.temperature", s.temperature, s.temperature > 0, "positive", 1.0)
-        check_value("sample.top_k", s.top_k, s.top_k is None or s.top_k >= 1, "null (off) or at least 1", 100)
-        check_value("sample.top_p", s.top_p, s.top_p is None or 0 < s.top_p <= 1, "null (off) or in (0, 1]", 0.95)
-        check_value("sample.cfg_scale", s.cfg_scale, s.cfg_scale >= 0, "0 or more (1 = no guidance)", 1.5)
+        check_sampling(self.sample)
         return []
+
+
+def check_sampling(s: SamplingConfig, names: dict[str, str] | None = None) -> None:
+    """Raise ConfigError on impossible sampling settings, naming each by ``names[field]`` (a command-line
+    flag, say) or else by its config key ``sample.FIELD``."""
+    def name(key: str) -> str:
+        return (names or {}).get(key, f"sample.{key}")
+
+    check_value(name("temperature"), s.temperature, s.temperature > 0, "positive", 1.0)
+    check_value(name("top_k"), s.top_k, s.top_k is None or s.top_k >= 1, "null (off) or at least 1", 100)
+    check_value(name("top_p"), s.top_p, s.top_p is None or 0 < s.top_p <= 1, "null (off) or in (0, 1]", 0.95)
+    check_value(name("cfg_scale"), s.cfg_scale, s.cfg_scale >= 0, "0 or more (1 = no guidance)", 1.5)

@@ -19,6 +19,16 @@ import torch
 
 FORMAT_VERSION = 1
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives
+# What each kind of checkpoint must hold to be used (``load_checkpoint``) and, on top, to be resumed.
+REQUIRED_ENTRIES = {
+    "vqgan": {"model": dict, "model_config": dict},
+    "transformer": {"model": dict, "prior_config": dict, "vqgan": dict, "vqgan_config": dict},
+}
+COMMON_ENTRIES = {"kind": str, "config": dict, "step": int}
+RESUME_ENTRIES = {
+    "vqgan": {"rng": dict, "disc": dict, "opt_ae": dict, "opt_disc": dict, "lecam": dict},
+    "transformer": {"rng": dict, "optimizer": dict},
+}
 KIND_HELP = {
     "vqgan": "a stage-1 (VQGAN) checkpoint, written by train_vqgan.py",
     "transformer": "a stage-2 (GPT prior) checkpoint, written by train_transformer.py",
@@ -75,8 +85,10 @@ def training_checkpoint(kind: str, step: int, config: dict[str, Any], **parts: A
             "rng": rng_state(), **parts}
 
 
-def load_checkpoint(path: str | Path, kind: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely and check that it is of the expected ``kind``."""
+def load_checkpoint(path: str | Path, kind: str | None = None, map_location: Any = "cpu",
+                    resume: bool = False) -> dict[str, Any]:
+    """Load a checkpoint safely and check it as a whole: of the expected ``kind``, holding every entry
+    that kind needs with the right type (with ``resume``, also the optimizer and RNG states)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist. Check the path (run folders keep them in "
@@ -107,10 +119,24 @@ def load_checkpoint(path: str | Path, kind: str | None = None, map_location: Any
     if state.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise CheckpointError(f"'{path}' has checkpoint format {state['format_version']}, newer than this code "
                               f"reads ({FORMAT_VERSION}). Update the code to the version that wrote it.")
+    if state["kind"] not in REQUIRED_ENTRIES:
+        raise CheckpointError(f"'{path}' names its kind {state['kind']!r}, which this code does not know "
+                              f"(it writes {' and '.join(map(repr, REQUIRED_ENTRIES))}). Pass a file written by "
+                              f"train_vqgan.py or train_transformer.py.")
     if kind is not None and state["kind"] != kind:
         found = KIND_HELP.get(state["kind"], repr(state["kind"]))
         raise CheckpointError(f"'{path}' is {found}, but {KIND_HELP.get(kind, kind)} is needed here. "
                               f"Check which file you passed.")
+    expected = {**COMMON_ENTRIES, **REQUIRED_ENTRIES[state["kind"]],
+                **(RESUME_ENTRIES[state["kind"]] if resume else {})}
+    wrong = [f"'{name}' ({'missing' if name not in state else 'a ' + type(state[name]).__name__})"
+             for name, expected_type in expected.items()
+             if not isinstance(state.get(name), expected_type) or isinstance(state.get(name), bool)]
+    if wrong:
+        needed = ", ".join(f"{name} ({expected_type.__name__})" for name, expected_type in expected.items())
+        raise CheckpointError(f"'{path}' is {KIND_HELP[state['kind']]}, but incomplete: {', '.join(wrong)}. "
+                              f"{'Resuming needs' if resume else 'It needs'} {needed}. It was edited or written by "
+                              f"other code; pass a checkpoint as the training scripts write it.")
     return state
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -73,6 +74,21 @@ class TrainConfig:
     ckpt_every: int = opt(1000, "steps between periodic checkpoints (last.pt is refreshed too)")
     num_sample_images: int = opt(8, "images in each sample grid")
     max_bad_steps: int = opt(20, "stop after this many consecutive non-finite steps")
+    dist_timeout: float = opt(600.0, "torchrun: seconds to wait for all processes to join (and for each collective)")
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_number(key: str, value: int | float) -> int | float:
+    """``value`` itself when it is finite and within the 64-bit integer range every tensor index and seed
+    lives in; otherwise a ConfigError naming ``key``. Every number of a config or a command line passes here."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}.")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ConfigError(f"{key}={value} is out of range: numbers must lie within +-{INT64_MAX:.2e} "
+                          f"(64-bit integers).")
+    return value
 
 
 def check(condition: bool, message: str) -> None:
@@ -100,7 +116,7 @@ def check_counts(section: str, config: Any, minimum: dict[str, int], example: di
         check_value(f"{section}.{key}", value, value >= low, allowed, example.get(key, max(low, 1)))
 
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
@@ -116,8 +132,10 @@ def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
     check(0 <= train.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {train.ema_decay}.")
     check(train.log_every > 0, f"train.log_every must be positive, got {train.log_every}.")
     check(train.max_bad_steps > 0, f"train.max_bad_steps must be positive, got {train.max_bad_steps}.")
-    check_counts("train", train, {"warmup_steps": 0, "sample_every": 0, "ckpt_every": 0, "num_sample_images": 1},
-                 {"warmup_steps": 500, "sample_every": 500, "ckpt_every": 1000, "num_sample_images": 8})
+    check_value("train.dist_timeout", train.dist_timeout, train.dist_timeout > 0, "positive (seconds)", 600)
+    check_counts("train", train, {"warmup_steps": 0, "sample_every": 0, "ckpt_every": 0, "num_sample_images": 1,
+                                  "seed": 0},
+                 {"warmup_steps": 500, "sample_every": 500, "ckpt_every": 1000, "num_sample_images": 8, "seed": 0})
     for i, beta in enumerate(train.betas):
         check_fraction(f"train.betas[{i}]", beta, "[0.5,0.9]")
     check_fraction("train.min_lr_ratio", train.min_lr_ratio, 0.1, top=True)
@@ -145,7 +163,7 @@ ConfigT = TypeVar("ConfigT")
 
 
 def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    match = difflib.get_close_matches(str(name), options, n=1, cutoff=0.5)
     return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(options)}."
 
 
@@ -196,19 +214,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key '{key}': expected true or false, got {value!r}.")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return check_number(key, value)
         raise ConfigError(f"config key '{key}': expected an integer, got {value!r}.")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(check_number(key, value))
         raise ConfigError(f"config key '{key}': expected a number, got {value!r}.")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -260,13 +276,41 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error instead of the last
+    one silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            with contextlib.suppress(TypeError):  # an unhashable key is reported by the base class
+                if key in seen:
+                    raise ConfigError(f"the key '{key}' appears twice in one mapping (lines {seen[key]} and {line}"
+                                      f"{_where(key_node)}); the second would silently replace the first. Keep "
+                                      f"one of them.")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _where(node: yaml.Node) -> str:
+    name = node.start_mark.name
+    return "" if name in ("<unicode string>", "<file>") else f" of {name}"
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML ``text`` with the safe loader, refusing keys given twice."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
     parts = dotted.split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override '{dotted}={raw}' must look like section.key=value, e.g. train.lr=1e-4.")
     section, key = parts
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = parse_yaml(raw) if raw != "" else None
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"override '{dotted}={raw}': the value is not valid YAML ({problem}). Quote strings and "
@@ -293,16 +337,25 @@ def load_config(cls: type[ConfigT], path: str | Path | None, overrides: list[str
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file '{path}' is a folder. Pass a YAML file, e.g. configs/quickstart.yaml.")
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"config file '{path}' is not a regular file (a pipe, socket or device). Pass a YAML "
+                              f"file, e.g. configs/quickstart.yaml.")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist. "
                               f"Pass an existing YAML file, e.g. configs/quickstart.yaml.")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = parse_yaml(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"config file '{path}' cannot be read ({err}). Pass a YAML text file, "
                               f"e.g. configs/quickstart.yaml.") from err
+        if data is None or data == {}:
+            raise ConfigError(f"config file '{path}' holds no settings (it is empty or only comments), so the run "
+                              f"would silently use every default. Write the sections you mean (data:, model:, "
+                              f"train:, ...), e.g. start from configs/quickstart.yaml.")
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, train:, ...), but it "
                               f"holds a {type(data).__name__}: {str(data)[:60]!r}. See configs/quickstart.yaml.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,17 +28,54 @@ class DistInfo:
         return self.rank == 0
 
 
+class DistributedSetupError(RuntimeError):
+    """The process group cannot be joined: not launched by torchrun, or the other processes never came."""
+
+
+LAUNCH_HINT = ("Launch several processes with torchrun (`torchrun --nproc_per_node=N train_vqgan.py ...`, which sets "
+               "every variable), or unset WORLD_SIZE to train in one process.")
+
+
+def _env_int(name: str) -> int:
+    text = os.environ[name]
+    try:
+        return int(text)
+    except ValueError:
+        raise DistributedSetupError(f"the environment variable {name}={text!r} is not an integer. "
+                                    f"{LAUNCH_HINT}") from None
+
+
 def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
-    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU).
+
+    Says what it waits for, and gives up after ``timeout_s`` with :class:`DistributedSetupError` when the
+    group never fills (a process that was not started, an address that cannot be reached).
+    """
+    world_size = _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1
     if world_size <= 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
-            torch.cuda.set_device(info.local_rank)
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise DistributedSetupError(f"WORLD_SIZE={world_size} is set, but {' and '.join(missing)} "
+                                    f"{'is' if len(missing) == 1 else 'are'} not: this process was not started by "
+                                    f"torchrun. {LAUNCH_HINT}")
+    info = DistInfo(_env_int("RANK"), world_size, _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0)
+    if dist.is_initialized():
+        return info
+    address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    print(f"rank {info.rank}: waiting for all {world_size} processes to join at {address} (up to {timeout_s:.0f} s, "
+          f"train.dist_timeout)", file=sys.stderr, flush=True)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    try:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DistributedSetupError(f"rank {info.rank} could not join the group of {world_size} processes at "
+                                    f"{address} within {timeout_s:.0f} s ({reason}). Start all {world_size} "
+                                    f"processes (torchrun's --nnodes and --nproc_per_node), check that every node "
+                                    f"reaches {address}, or raise train.dist_timeout.") from err
     return info
 
 

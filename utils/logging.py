@@ -169,12 +169,35 @@ def _format(value: Any) -> Any:
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
+class MetricsFileError(ValueError):
+    """A metrics.csv that is not a table of numbers under a header, as the training scripts write it."""
+
+
 def read_metrics(path: str | Path) -> dict[str, list[float]]:
-    """Columns of a metrics.csv as float lists (empty cells become NaN)."""
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns: dict[str, list[float]] = {name: [] for name in reader.fieldnames or []}
-        for row in reader:
-            for name, cell in row.items():
-                columns[name].append(float(cell) if cell not in ("", None) else math.nan)
+    """Columns of a metrics.csv as float lists (empty cells become NaN); :class:`MetricsFileError` names the
+    line and column of the first cell that is not a number."""
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, [])
+            columns: dict[str, list[float]] = {name: [] for name in header}
+            for row in reader:
+                if len(row) > len(header):
+                    raise MetricsFileError(f"'{path}', line {reader.line_num}: {len(row)} cells under a header of "
+                                           f"{len(header)} columns.")
+                for name, cell in zip(header, row + [""] * (len(header) - len(row))):
+                    columns[name].append(_number(cell, path, reader.line_num, name))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise MetricsFileError(f"'{path}' cannot be read as a CSV table ({err}).") from err
     return columns
+
+
+def _number(cell: str, path: str | Path, line: int, column: str) -> float:
+    if cell == "":
+        return math.nan
+    try:
+        return float(cell)
+    except ValueError:
+        raise MetricsFileError(f"'{path}', line {line}, column '{column}': {cell[:40]!r} is not a number. A "
+                               f"metrics.csv as the training scripts write it holds only numbers; pass the run "
+                               f"folder of a training, or fix that cell.") from None

@@ -4,6 +4,7 @@ and the closing line."""
 from __future__ import annotations
 
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -38,9 +39,13 @@ class StopSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name is not None:  # a second Ctrl-C exits at once
+        if self.signal_name is not None:  # a second signal exits at once; a third one, even from blocking C code
+            for sig in self._previous:
+                signal.signal(sig, signal.SIG_DFL)
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        tqdm.write(f"Received {self.signal_name}: saving a checkpoint after this step, then stopping. Send it again "
+                   f"to stop at once.", file=sys.stderr)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

@@ -168,7 +168,7 @@ def _schedule_note(old: dict[str, Any], new: dict[str, Any], step: int) -> str |
 def _load_last(last: Path, kind: str) -> dict[str, Any]:
     """``last.pt``, or an error that points at the newest periodic checkpoint when it is unreadable."""
     try:
-        return load_checkpoint(last, kind=kind)
+        return load_checkpoint(last, kind=kind, resume=True)
     except UnreadableCheckpointError as err:
         periodic = sorted(last.parent.glob("step_*.pt"))
         if not periodic:
@@ -187,7 +187,7 @@ def prepare_run(run_dir: Path, config: dict[str, Any], *, resume: bool, force: b
     dist.broadcast_object_list(flag, src=0)
     if info.is_main or not flag[0]:
         return state
-    return load_checkpoint(run_dir / "checkpoints" / "last.pt", kind=kind)
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt", kind=kind, resume=True)
 
 
 def remove_previous_run(run_dir: Path) -> None:

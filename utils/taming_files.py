@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from utils.checkpoint import CheckpointError, save_checkpoint, training_checkpoint
-from utils.config import DataConfig, to_dict
+from utils.config import ConfigError, DataConfig, parse_yaml, to_dict
 from vqgan.config import Stage1Config
 from vqgan.discriminator import DiscriminatorConfig
 from vqgan.loss import LossConfig
@@ -161,8 +161,8 @@ def read_taming_config(path: str | Path) -> dict[str, Any]:
         raise TamingFileError(f"taming config '{path}' does not exist. Pass the model.yaml published with the "
                               f"checkpoint, or leave out --config (the architecture is read from the weights).")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        data = parse_yaml(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, ConfigError) as err:
         raise TamingFileError(f"taming config '{path}' is not valid YAML: {err}") from err
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("params"), dict):
