@@ -196,7 +196,7 @@ def write_samples(run_dir: Path, step: int, prior: VQGANPrior, ema: ModelEMA | N
         _, images = prior.sample(count, labels, temperature=cfg.sample.temperature,
                                  top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
                                  cfg_scale=cfg.sample.cfg_scale if prior.class_conditional else 1.0,
-                                 generator=generator)
+                                 compile=cfg.sample.compile, generator=generator)
     prior.gpt = gpt
     prior.train()
     save_grid(images, run_dir / "samples" / f"step_{step:06d}.png", nrow=columns)

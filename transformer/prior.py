@@ -219,13 +219,15 @@ class VQGANPrior(nn.Module):
     @torch.no_grad()
     def sample(self, num: int, labels: Labels | None = None, *, temperature: float = SamplingConfig.temperature,
                top_k: int | None = SamplingConfig.top_k, top_p: float | None = SamplingConfig.top_p,
-               cfg_scale: float = SamplingConfig.cfg_scale, generator: torch.Generator | None = None,
+               cfg_scale: float = SamplingConfig.cfg_scale, compile: bool = SamplingConfig.compile,
+               generator: torch.Generator | None = None,
                batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``num`` code grids and decode them: (indices [N, h, w], images [N, C, H, W]).
 
         ``labels`` (class-conditional priors only): one class id for all samples, or one per
         sample; ``None`` draws classes uniformly with ``generator``. ``cfg_scale`` mixes the
-        conditional and null-token predictions (classifier-free guidance). Samples are drawn
+        conditional and null-token predictions (classifier-free guidance); ``compile`` decodes with
+        the compiled one-token step (see :func:`transformer.sampling.sample_tokens`). Samples are drawn
         ``batch_size`` (default: all) at a time.
         """
         labels = self._sample_labels(num, labels, cfg_scale, generator)
@@ -238,7 +240,8 @@ class VQGANPrior(nn.Module):
             prefix = self.prefix_tokens(chunk, b, device)
             uncond = torch.full_like(prefix, self.null_token)
             tokens = sample_tokens(self.gpt, prefix, self.seq_len, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   cfg_scale=cfg_scale, uncond_prefix=uncond, generator=generator)
+                                   cfg_scale=cfg_scale, compile=compile, uncond_prefix=uncond,
+                                   generator=generator)
             indices = tokens.view(b, *self.latent_size)
             all_indices.append(indices)
             all_images.append(self.vqgan.decode_indices(indices))
