@@ -127,9 +127,9 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
             set_lr(optimizer, lr)
             micro_batches = [to_device(next(batches), prior.class_conditional, device)
                              for _ in range(cfg.train.grad_accum)]
-            logs = stage2_step(prior, optimizer, micro_batches, grad_clip=cfg.train.grad_clip, amp_dtype=amp_dtype,
-                               ema=ema, train_prior=train_prior)
-            log.step(step, logs, lr=lr)
+            logs, check = stage2_step(prior, optimizer, micro_batches, grad_clip=cfg.train.grad_clip,
+                                      amp_dtype=amp_dtype, ema=ema, train_prior=train_prior)
+            log.step(step, logs, check, lr=lr)
             checkpoint(step)
             samples(step)
             if stop.requested(info, device):

@@ -59,7 +59,7 @@ def reference_stage1_step(model: VQGAN, disc: Discriminator, loss_fn: VQGANLoss,
         model.train()
         d_loss, d_logs = loss_fn.discriminator_loss(images, fake, disc)
         d_loss.backward()
-        logs.update(d_logs)
+        logs.update({key: float(value) for key, value in d_logs.items()})
         clip_gradients(disc, grad_clip)
         opt_disc.step()
     model.quantizer.end_step()

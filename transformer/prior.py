@@ -24,7 +24,6 @@ from transformer.gpt import GPT
 from transformer.sampling import SamplingConfig, sample_tokens
 from utils.checkpoint import CheckpointError, load_state_dict_checked
 from utils.config import opt
-from utils.device import reads_stall
 
 Labels = int | Sequence[int] | torch.Tensor
 
@@ -138,7 +137,16 @@ class VQGANPrior(nn.Module):
         return self.vqgan.decode_indices(indices.reshape(-1, *self.latent_size))
 
     def check_labels(self, labels: torch.Tensor | None) -> None:
-        """Raise ValueError (with the fix) for labels this prior cannot take."""
+        """Raise ValueError (with the fix) for labels this prior cannot take. Reads the ids on the host:
+        sampling and the scripts call it on labels a user gives, never the training step."""
+        self._check_conditioning(labels)
+        if labels is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
+            raise ValueError(f"class id {bad} is out of range: this prior has {self.num_classes} classes, "
+                             f"use ids 0..{self.num_classes - 1}.")
+
+    def _check_conditioning(self, labels: torch.Tensor | None) -> None:
+        """Labels given exactly when the prior is class-conditional (nothing read on the host)."""
         if not self.class_conditional:
             if labels is not None:
                 raise ValueError("this prior is unconditional (class_conditional=False) and takes no class; "
@@ -147,18 +155,11 @@ class VQGANPrior(nn.Module):
         if labels is None:
             raise ValueError(f"this prior is class-conditional; pass a class id in 0..{self.num_classes - 1} "
                              "for every sequence.")
-        # The range is checked where reading it is free (sampling passes CPU labels); a training step on
-        # CUDA must not wait for the GPU, and an id out of range fails in the embedding there instead.
-        if labels.numel() and not reads_stall(labels.device) and (
-                int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
-            raise ValueError(f"class id {bad} is out of range: this prior has {self.num_classes} classes, "
-                             f"use ids 0..{self.num_classes - 1}.")
 
     def prefix_tokens(self, labels: torch.Tensor | None, batch_size: int,
                       device: torch.device | None = None) -> torch.Tensor:
         """The first input token [B, 1]: the class token ``K + label`` or the start token ``K``."""
-        self.check_labels(labels)
+        self._check_conditioning(labels)
         if labels is None:
             return torch.full((batch_size, 1), self.null_token, dtype=torch.long, device=device)
         return (labels.long() + self.codebook_size).view(batch_size, 1).to(device)

@@ -187,11 +187,11 @@ class VQGANLoss(nn.Module):
         last_layer: torch.Tensor,
         step: int,
         scale: float = 1.0,
-    ) -> dict[str, torch.Tensor | float]:
+    ) -> dict[str, torch.Tensor]:
         """Backpropagate ``scale`` * autoencoder loss into the autoencoder; return the terms.
 
-        The terms are float64 0-d tensors on the device (read them with ``float()`` when they are
-        logged, not every step: on CUDA a read waits for the GPU); ``gan_factor`` is a float.
+        The terms, ``gan_factor`` included, are float64 0-d tensors on the device (read them with
+        ``float()`` when they are logged, not every step: on CUDA a read waits for the GPU).
 
         ``last_layer`` is the weight of the decoder's final convolution. The discriminator runs only
         when ``gan_factor(step) > 0`` and its parameters receive no gradients (pass the bare module,
@@ -213,7 +213,7 @@ class VQGANLoss(nn.Module):
         terms = (rec, perceptual, codebook_loss, g_loss, weight)
         # fp32 values, combined in float64 as Python floats would be.
         values = torch.stack([t.detach().float() for t in terms]).double().unbind()
-        logs: dict[str, torch.Tensor | float] = dict(zip(("rec_loss", "p_loss", "codebook_loss", "g_loss",
+        logs: dict[str, torch.Tensor] = dict(zip(("rec_loss", "p_loss", "codebook_loss", "g_loss",
                                                           "d_weight"), values))
         logs["total"] = (
             self.rec_weight * logs["rec_loss"]
@@ -221,7 +221,7 @@ class VQGANLoss(nn.Module):
             + self.codebook_weight * logs["codebook_loss"]
             + logs["d_weight"] * factor * logs["g_loss"]
         )
-        logs["gan_factor"] = factor
+        logs["gan_factor"] = values[0].new_full((), factor)
         return logs
 
     def _backward(
