@@ -107,8 +107,6 @@ NOTES = [
     "'rec only' = perceptual and GAN losses off; 'rec+LPIPS+GAN' = both on, GAN active. With the GAN off both "
     "variants do the same work, so their 'rec only' speed-up shows the timing noise.",
     "speed-up = median over repetitions of the paired time ratio of variants timed alternately.",
-    "CPU runs keep freed memory in the process (glibc), as the training scripts do, for every variant and the "
-    "reference alike.",
     "FLOPs from torch.utils.flop_counter (matmuls, convolutions, attention); optimizer arithmetic not counted.",
 ]
 
