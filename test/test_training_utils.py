@@ -20,7 +20,7 @@ import utils.logging
 from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.config import ConfigError
 from utils.device import autocast_dtype, peak_memory_mb, resolve_device
-from utils.distributed import DistInfo, init_distributed, unwrap, wrap_ddp
+from utils.distributed import DistInfo, init_distributed, wrap_ddp
 from utils.logging import MetricsLogger, TrainingLog, read_metrics
 from utils.loop import BadStepTracker, StopSignal, TrainingStopped, finish_message, is_due
 from utils.pictures import image_grid, plot_training_curves, save_grid, save_reconstruction_grid
@@ -269,7 +269,7 @@ def test_single_process_distributed_helpers(monkeypatch: pytest.MonkeyPatch) -> 
     info = init_distributed("cpu")
     assert info == DistInfo() and info.is_main and not info.enabled
     model = nn.Linear(2, 2)
-    assert wrap_ddp(model, info, CPU) is model and unwrap(model) is model
+    assert wrap_ddp(model, info, CPU) is model
 
 
 def test_resumed_tensorboard_log_purges_events_after_the_checkpoint(tmp_path: Path,
