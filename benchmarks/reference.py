@@ -51,7 +51,7 @@ def reference_stage1_step(model: VQGAN, disc: Discriminator, loss_fn: VQGANLoss,
     opt_disc.zero_grad(set_to_none=True)
     out = model(images)
     logs = reference_generator_backward(loss_fn, images, out.reconstruction, out.codebook_loss, disc,
-                                        model.last_layer, step)
+                                        model.last_layer_weight, step)
     if loss_fn.gan_factor(step) > 0:
         model.eval()  # same function here (no dropout or batch statistics); leaves the codebook statistics alone
         with torch.no_grad():

@@ -60,7 +60,7 @@ def test_discriminator_step_on_the_reused_reconstruction_equals_a_second_forward
     # second forward of the straightforward step is taken from the state the first one started in.
     before_step = copy.deepcopy(model)
     out = model(x)
-    loss.generator_backward(x, out.reconstruction, out.codebook_loss, disc, model.last_layer, step=0)
+    loss.generator_backward(x, out.reconstruction, out.codebook_loss, disc, model.last_layer_weight, step=0)
     second = before_step(x).reconstruction
     assert torch.equal(second, out.reconstruction)
 
@@ -83,10 +83,10 @@ def test_fused_adaptive_weight_backward_matches_reference_on_a_real_vqgan(lpips_
     logs = {}
     out = model(x)
     logs["fused"] = as_floats(loss.generator_backward(x, out.reconstruction, out.codebook_loss, disc,
-                                                      model.last_layer, step=0))
+                                                      model.last_layer_weight, step=0))
     out = reference_model(x)
     logs["reference"] = reference_generator_backward(loss, x, out.reconstruction, out.codebook_loss, disc,
-                                                     reference_model.last_layer, step=0)
+                                                     reference_model.last_layer_weight, step=0)
     assert_same_grads(grads(model), grads(reference_model))
     assert logs["fused"] == pytest.approx(logs["reference"], rel=1e-5)
     assert logs["fused"]["p_loss"] > 0 and logs["fused"]["d_weight"] > 0

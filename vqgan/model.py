@@ -110,9 +110,9 @@ class VQGAN(nn.Module):
         return self.quantizer.codebook_size
 
     @property
-    def last_layer(self) -> torch.Tensor:
+    def last_layer_weight(self) -> torch.Tensor:
         """Weight of the decoder's final convolution (where the adaptive GAN weight is measured)."""
-        return self.decoder.conv_out.weight
+        return self.decoder.last_layer_weight
 
     def encode(self, x: torch.Tensor) -> QuantizerOutput:
         """Images [B, C, H, W] in [-1, 1] -> quantizer output (z_q [B, embed_dim, h, w], loss, indices)."""

@@ -61,7 +61,7 @@ def stage1_step(model: VQGAN, disc: Discriminator, loss_fn: VQGANLoss, opt_ae: t
         with grad_sync(train_model, last), autocast(device, amp_dtype):
             out = train_model(images)
             logs = loss_fn.generator_backward(images, out.reconstruction, out.codebook_loss, disc,
-                                              model.last_layer, step, scale=1 / len(micro_batches))
+                                              model.last_layer_weight, step, scale=1 / len(micro_batches))
         if disc_active:
             with grad_sync(train_disc, last), autocast(device, amp_dtype):
                 d_loss, d_logs = loss_fn.discriminator_loss(images, out.reconstruction.detach(), train_disc)
