@@ -23,7 +23,7 @@ from torch import nn
 from transformer.gpt import GPT
 from transformer.sampling import SamplingConfig, sample_tokens
 from utils.checkpoint import CheckpointError, load_state_dict_checked
-from utils.config import opt
+from utils.config import option
 
 Labels = int | Sequence[int] | torch.Tensor
 
@@ -32,14 +32,14 @@ Labels = int | Sequence[int] | torch.Tensor
 class PriorConfig:
     """The ``transformer`` config section: the GPT and how the prior trains it."""
 
-    n_layer: int = opt(8, "transformer blocks")
-    n_head: int = opt(8, "attention heads")
-    n_embd: int = opt(512, "embedding width")
-    dropout: float = opt(0.0, "dropout in attention and MLP")
-    positions: Literal["learned", "rotary"] = opt("learned", "position encoding")
-    class_conditional: bool = opt(True, "condition on the dataset's class labels")
-    class_dropout: float = opt(0.1, "probability of dropping the class (enables classifier-free guidance)")
-    pkeep: float = opt(1.0, "probability of keeping each input token (the rest become random codes)")
+    n_layer: int = option(8, "transformer blocks")
+    n_head: int = option(8, "attention heads")
+    n_embd: int = option(512, "embedding width")
+    dropout: float = option(0.0, "dropout in attention and MLP")
+    positions: Literal["learned", "rotary"] = option("learned", "position encoding")
+    class_conditional: bool = option(True, "condition on the dataset's class labels")
+    class_dropout: float = option(0.1, "probability of dropping the class (enables classifier-free guidance)")
+    pkeep: float = option(1.0, "probability of keeping each input token (the rest become random codes)")
 
 
 class VQGANPrior(nn.Module):

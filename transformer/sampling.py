@@ -18,18 +18,18 @@ from typing import Optional
 import torch
 
 from transformer.gpt import GPT, KVCache
-from utils.config import opt
+from utils.config import option
 
 
 @dataclass
 class SamplingConfig:
     """The ``sample`` config section; its defaults are also :func:`sample_tokens`'s (plain sampling)."""
 
-    temperature: float = opt(1.0, "softmax temperature")
-    top_k: Optional[int] = opt(None, "keep only the k most likely codes")
-    top_p: Optional[float] = opt(None, "keep the smallest set of codes whose probability reaches p")
-    cfg_scale: float = opt(1.0, "classifier-free guidance scale (1 = plain conditional)")
-    compile: bool = opt(False, "torch.compile the one-token decoding step (CUDA graphs on CUDA)")
+    temperature: float = option(1.0, "softmax temperature")
+    top_k: Optional[int] = option(None, "keep only the k most likely codes")
+    top_p: Optional[float] = option(None, "keep the smallest set of codes whose probability reaches p")
+    cfg_scale: float = option(1.0, "classifier-free guidance scale (1 = plain conditional)")
+    compile: bool = option(False, "torch.compile the one-token decoding step (CUDA graphs on CUDA)")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from utils.config import opt
+from utils.config import option
 
 
 class QuantizerOutput(NamedTuple):
@@ -41,17 +41,17 @@ class QuantizerOutput(NamedTuple):
 class QuantizerConfig:
     """The codebook options of the ``model`` config section (:class:`vqgan.model.VQGANConfig` extends it)."""
 
-    codebook_size: int = opt(512, "number of codes in the codebook")
-    embed_dim: int = opt(64, "dimension of a code vector (1x1 convs map z_channels to it and back)")
-    codebook_dim: Optional[int] = opt(None, "if set, look codes up in this lower dimension (factorised codes)")
-    l2_norm: bool = opt(False, "cosine-similarity lookup on l2-normalised vectors")
-    beta: float = opt(0.25, "commitment weight on the encoder term ||z - sg(z_q)||^2")
-    ema: bool = opt(False, "update codes by exponential moving averages instead of gradients")
-    ema_decay: float = opt(0.99, "decay of the EMA codebook update")
-    ema_eps: float = opt(1e-5, "Laplace smoothing of EMA cluster sizes")
-    dead_code_steps: int = opt(0, "re-seed codes unused for this many optimizer steps from recent encoder "
+    codebook_size: int = option(512, "number of codes in the codebook")
+    embed_dim: int = option(64, "dimension of a code vector (1x1 convs map z_channels to it and back)")
+    codebook_dim: Optional[int] = option(None, "if set, look codes up in this lower dimension (factorised codes)")
+    l2_norm: bool = option(False, "cosine-similarity lookup on l2-normalised vectors")
+    beta: float = option(0.25, "commitment weight on the encoder term ||z - sg(z_q)||^2")
+    ema: bool = option(False, "update codes by exponential moving averages instead of gradients")
+    ema_decay: float = option(0.99, "decay of the EMA codebook update")
+    ema_eps: float = option(1e-5, "Laplace smoothing of EMA cluster sizes")
+    dead_code_steps: int = option(0, "re-seed codes unused for this many optimizer steps from recent encoder "
                                   "outputs (0 = off)")
-    usage_window: int = opt(100, "optimizer steps of indices kept for the codebook-usage statistic")
+    usage_window: int = option(100, "optimizer steps of indices kept for the codebook-usage statistic")
 
 
 def code_statistics(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
