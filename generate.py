@@ -1,7 +1,7 @@
 """Use trained checkpoints: sample images, measure reconstructions, export tokens, draw pictures.
 
     python generate.py sample --checkpoint STAGE2.pt --num 64 --out DIR [--class C ...] [--seed S]
-        [--temperature T] [--top-k K] [--top-p P] [--cfg-scale S] [--fid-ref test|CONFIG|FOLDER]
+        [--temperature T] [--top-k K] [--top-p P] [--cfg-scale S] [--compile] [--fid-ref test|CONFIG|FOLDER]
     python generate.py reconstruct --checkpoint STAGE1.pt --input test|CONFIG|FOLDER --out DIR
         [--num N] [--fid] [--lpips]
     python generate.py tokens --checkpoint STAGE1.pt --input test|CONFIG|FOLDER --out FILE.npy
@@ -141,9 +141,9 @@ def report(metrics: dict[str, Any], out_dir: Path, title: str) -> None:
 
 
 def sampling_settings(prior: VQGANPrior, state: dict, args: argparse.Namespace) -> dict[str, Any]:
-    """Temperature, top-k, top-p and CFG scale: the flags given, else the checkpoint's ``sample`` section."""
+    """Temperature, top-k, top-p, CFG scale and compile: the flags given, else the checkpoint's ``sample`` section."""
     defaults = from_dict(Stage2Config, state["config"]).sample
-    given = {key: getattr(args, key, None) for key in ("temperature", "top_k", "top_p", "cfg_scale")}
+    given = {key: getattr(args, key, None) for key in ("temperature", "top_k", "top_p", "cfg_scale", "compile")}
     settings = {key: getattr(defaults, key) if value is None else value for key, value in given.items()}
     if settings["top_k"] == 0:
         settings["top_k"] = None
@@ -436,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nucleus sampling mass; 1 = off (default: the checkpoint's sample.top_p)")
     sample.add_argument("--cfg-scale", type=finite_float, default=None,
                         help="classifier-free guidance scale, 1 = off (default: the checkpoint's sample.cfg_scale)")
+    sample.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode with the one-token step under torch.compile, CUDA graphs on CUDA (default: "
+                             "the checkpoint's sample.compile)")
     sample.add_argument("--seed", type=any_int, default=0, help="random seed; the same seed gives the same images")
     sample.add_argument("--fid-ref", default=None,
                         help="also compute FID against these real images: 'test', a YAML config or a folder")

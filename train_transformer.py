@@ -127,9 +127,9 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
             set_lr(optimizer, lr)
             micro_batches = [to_device(next(batches), prior.class_conditional, device)
                              for _ in range(cfg.train.grad_accum)]
-            logs = stage2_step(prior, optimizer, micro_batches, grad_clip=cfg.train.grad_clip, amp_dtype=amp_dtype,
-                               ema=ema, train_prior=train_prior)
-            log.step(step, logs, lr=lr)
+            logs, check = stage2_step(prior, optimizer, micro_batches, grad_clip=cfg.train.grad_clip,
+                                      amp_dtype=amp_dtype, ema=ema, train_prior=train_prior)
+            log.step(step, logs, check, lr=lr)
             checkpoint(step)
             samples(step)
             if stop.requested(info, device):
@@ -196,7 +196,7 @@ def write_samples(run_dir: Path, step: int, prior: VQGANPrior, ema: ModelEMA | N
         _, images = prior.sample(count, labels, temperature=cfg.sample.temperature,
                                  top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
                                  cfg_scale=cfg.sample.cfg_scale if prior.class_conditional else 1.0,
-                                 generator=generator)
+                                 compile=cfg.sample.compile, generator=generator)
     prior.gpt = gpt
     prior.train()
     save_grid(images, run_dir / "samples" / f"step_{step:06d}.png", nrow=columns)

@@ -123,10 +123,10 @@ def train(cfg: Stage1Config, run_dir: Path, args: argparse.Namespace, info: Dist
             set_lr(opt_disc, disc_lr * lr_scale)
             micro_batches = [next(batches)[0].to(device, non_blocking=True, memory_format=memory_format)
                              for _ in range(cfg.train.grad_accum)]
-            logs = stage1_step(model, disc, loss_fn, opt_ae, opt_disc, micro_batches, step,
+            logs, check = stage1_step(model, disc, loss_fn, opt_ae, opt_disc, micro_batches, step,
                                grad_clip=cfg.train.grad_clip, amp_dtype=amp_dtype, ema=ema,
                                train_model=train_model, train_disc=train_disc)
-            log.step(step + 1, logs, lr=cfg.train.lr * lr_scale)
+            log.step(step + 1, logs, check, lr=cfg.train.lr * lr_scale)
             checkpoint(step + 1)
             samples(step + 1)
             if stop.requested(info, device):

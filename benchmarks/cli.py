@@ -7,8 +7,6 @@ from pathlib import Path
 
 import torch
 
-from utils.host_memory import keep_freed_memory
-
 
 def benchmark_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,13 +20,10 @@ def benchmark_parser(description: str) -> argparse.ArgumentParser:
 
 def parse_benchmark_args(parser: argparse.ArgumentParser,
                          argv: list[str] | None) -> tuple[argparse.Namespace, str, torch.device]:
-    """(arguments, mode ``full``/``quick``/``tiny``, device), with the thread count applied and, on the CPU,
-    freed memory kept in the process as the training scripts keep it (for every variant timed in it)."""
+    """(arguments, mode ``full``/``quick``/``tiny``, device), with the thread count applied."""
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available; use --device cpu.")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device == "cpu":
-        keep_freed_memory()
     return args, "tiny" if args.tiny else "quick" if args.quick else "full", torch.device(args.device)

@@ -51,7 +51,7 @@ def reference_stage1_step(model: VQGAN, disc: Discriminator, loss_fn: VQGANLoss,
     opt_disc.zero_grad(set_to_none=True)
     out = model(images)
     logs = reference_generator_backward(loss_fn, images, out.reconstruction, out.codebook_loss, disc,
-                                        model.last_layer, step)
+                                        model.last_layer_weight, step)
     if loss_fn.gan_factor(step) > 0:
         model.eval()  # same function here (no dropout or batch statistics); leaves the codebook statistics alone
         with torch.no_grad():
@@ -59,7 +59,7 @@ def reference_stage1_step(model: VQGAN, disc: Discriminator, loss_fn: VQGANLoss,
         model.train()
         d_loss, d_logs = loss_fn.discriminator_loss(images, fake, disc)
         d_loss.backward()
-        logs.update(d_logs)
+        logs.update({key: float(value) for key, value in d_logs.items()})
         clip_gradients(disc, grad_clip)
         opt_disc.step()
     model.quantizer.end_step()

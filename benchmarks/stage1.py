@@ -81,13 +81,13 @@ def build_setup(cfg: Stage1Config, batch: int, runtime: Runtime, seed: int = 0) 
 
 
 def training_step(setup: Stage1Setup, step: int, train_model: torch.nn.Module | None = None,
-                  train_disc: torch.nn.Module | None = None) -> dict[str, float]:
+                  train_disc: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step of :func:`vqgan.training.stage1_step` in the setup's runtime, through the
-    wrappers ``train_model`` / ``train_disc`` (e.g. compiled) where given."""
+    wrappers ``train_model`` / ``train_disc`` (e.g. compiled) where given; its logs."""
     with setup.runtime.backends():
         return stage1_step(setup.model, setup.disc, setup.loss, setup.opt_ae, setup.opt_d, [setup.images], step,
                            grad_clip=setup.grad_clip, amp_dtype=setup.runtime.amp_dtype, train_model=train_model,
-                           train_disc=train_disc)
+                           train_disc=train_disc)[0]
 
 
 def straightforward_step(setup: Stage1Setup, step: int) -> dict[str, float]:

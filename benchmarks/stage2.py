@@ -1,16 +1,23 @@
-"""Stage-2 benchmarks: GPT training throughput (the step ``train_transformer.py`` takes) and sampling with
-the KV cache vs full recompute."""
+"""Stage-2 benchmarks: GPT training throughput (the step ``train_transformer.py`` takes), sampling with the
+KV cache vs full recompute, and compiled vs eager sampling (``sample.compile``).
+
+``python -m benchmarks.run`` runs them all; compiled vs eager sampling alone:
+
+    python -m benchmarks.stage2 [--device cpu|cuda] [--quick] [--threads N] [--out FILE.json]
+"""
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.report import record
+from benchmarks.cli import benchmark_parser, parse_benchmark_args
+from benchmarks.report import print_and_save, record
 from benchmarks.runtime import Runtime, optimized, reference
 from benchmarks.timing import count_flops, time_alternating
 from transformer import GPT, VQGANPrior, sample_tokens
@@ -115,3 +122,47 @@ def bench_sampling(case: GPTCase, device: torch.device, *, reps: int, warmup: in
                   "tok/s", case.sample_batch * case.sample_tokens, timings,
                   extra={"n_layer": case.n_layer, "n_embd": case.n_embd, "tokens": case.sample_tokens,
                          "batch": case.sample_batch, "same_tokens": same})
+
+
+def bench_compiled_sampling(case: GPTCase, device: torch.device, *, reps: int, warmup: int) -> dict[str, Any]:
+    """Tokens/s of KV-cache sampling with the one-token step under ``torch.compile`` (``compile=True``) vs
+    eager, the same GPT and seed. The entry gives the first compiled call's seconds (compiling included)
+    and whether both drew the same tokens."""
+    gpt = case.build(device).eval()
+    prefix = torch.full((case.sample_batch, 1), case.codebook_size, dtype=torch.long, device=device)
+    drawn: dict[str, torch.Tensor] = {}
+
+    def run(compiled: bool) -> None:
+        generator = torch.Generator(device).manual_seed(0)
+        with optimized(device).backends():
+            out = sample_tokens(gpt, prefix, case.sample_tokens, compile=compiled, generator=generator)
+        drawn["compiled" if compiled else "eager"] = out
+
+    start = time.perf_counter()
+    run(True)
+    compile_s = time.perf_counter() - start
+    timings = time_alternating({"compiled": lambda: run(True), "eager": lambda: run(False)}, device, reps=reps,
+                               warmup=warmup)
+    same = bool(torch.equal(drawn["compiled"], drawn["eager"]))
+    return record(f"sampling_compiled/{case.name}",
+                  f"sampling GPT {case.name} {case.sample_tokens} tok b{case.sample_batch}, compiled vs eager",
+                  "tok/s", case.sample_batch * case.sample_tokens, timings,
+                  extra={"n_layer": case.n_layer, "n_embd": case.n_embd, "tokens": case.sample_tokens,
+                         "batch": case.sample_batch, "same_tokens": same, "compile_s": compile_s})
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Compiled vs eager sampling for the GPT of ``benchmarks.run``'s scale; prints a table, writes JSON."""
+    from benchmarks.run import SCALES
+
+    args, mode, device = parse_benchmark_args(benchmark_parser(__doc__), argv)
+    scale = SCALES[mode]
+    result = bench_compiled_sampling(scale.gpt, device, reps=scale.sampling_reps, warmup=scale.warmup)
+    report = {"meta": {"mode": mode, "device": str(device), "torch": torch.__version__,
+                       "threads": torch.get_num_threads()}, "results": [result], "targets": []}
+    print_and_save(report, [], args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()

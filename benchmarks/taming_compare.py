@@ -43,7 +43,6 @@ from benchmarks.stage1 import Stage1Case
 from benchmarks.stage2 import GPTCase, training_settings
 from benchmarks.timing import Timing, convolution_share, count_flops, time_alternating
 from transformer import sample_tokens
-from transformer.linear import linear, uses_onednn
 from transformer.training import stage2_step
 from utils.config import load_config
 from utils.device import autocast_dtype
@@ -249,14 +248,9 @@ class Ceiling:
 
 
 def gemm_ceiling(device: torch.device, size: int = 1024) -> Ceiling:
-    """A ``size``-cubed fp32 product through ``torch.mm`` and, on CPU, through the oneDNN product of
-    :mod:`transformer.linear` (``a @ b.T``, the same FLOPs; on some CPUs the default BLAS reaches less
-    than half of oneDNN's rate)."""
+    """A ``size``-cubed fp32 product through ``torch.mm``."""
     a, b = (torch.randn(size, size, device=device) for _ in range(2))
-    variants: dict[str, Callable[[], object]] = {"ceiling: torch.mm": lambda: a @ b}
-    if uses_onednn(a, b):
-        variants["ceiling: oneDNN"] = lambda: linear(a, b)
-    return Ceiling(variants, 2 * size**3)
+    return Ceiling({"ceiling: torch.mm": lambda: a @ b}, 2 * size**3)
 
 
 def conv_ceiling(device: torch.device) -> Ceiling:

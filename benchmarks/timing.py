@@ -7,7 +7,6 @@ times measured back to back.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -17,7 +16,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.memory import PeakMemory, release_freed_memory
-from transformer.linear import ONEDNN_BUILT
 
 
 @dataclass
@@ -76,20 +74,9 @@ def paired_speedup(fast: Timing, slow: Timing) -> float:
     return statistics.median(s / f for f, s in zip(fast.seconds, slow.seconds))
 
 
-def _onednn_linear_flops(input_shape: torch.Size, *args: object, out_shape: torch.Size, **kwargs: object) -> int:
-    """The oneDNN products of :mod:`transformer.linear` (plain and with a residual add): 2 M K N."""
-    return 2 * math.prod(out_shape) * input_shape[-1]
-
-
-def _flop_counter() -> FlopCounterMode:
-    """A FLOP counter that also counts the oneDNN linear products."""
-    mapping = {torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops} if ONEDNN_BUILT else {}
-    return FlopCounterMode(display=False, custom_mapping=mapping)
-
-
 def count_flops(fn: Callable[[], object]) -> int:
     """Floating-point operations of one call, as counted by ``torch.utils.flop_counter``."""
-    with _flop_counter() as counter:
+    with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -105,7 +92,7 @@ def convolution_share(fn: Callable[[], object]) -> dict[str, float]:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with _flop_counter() as counter:
+    with FlopCounterMode(display=False) as counter:
         fn()
     per_op = counter.get_flop_counts().get("Global", {})
     conv_flops = sum(count for op, count in per_op.items() if "conv" in str(op))

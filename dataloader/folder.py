@@ -167,11 +167,6 @@ class FolderDataset(Dataset):
         size = f"{self.image_size}x{self.image_size}x{self.channels}"
         return f"FolderDataset('{self.root}': {len(self)} images, {size}, {self.num_classes} classes)"
 
-    @property
-    def bad_images(self) -> list[Path]:
-        """Unreadable files met so far in this process (only grows with ``skip_bad_images``)."""
-        return [self.paths[i] for i in sorted(self._bad)]
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         count = len(self.paths)
         for step in range(count):

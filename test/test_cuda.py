@@ -30,7 +30,7 @@ from transformer.prior import PriorConfig
 from transformer.training import stage2_step
 from utils.logging import TrainingLog, as_floats
 from utils.loop import BadStepTracker
-from utils.training import ModelEMA, compile_module, make_adam
+from utils.training import ModelEMA, NonFiniteCheck, compile_module, make_adam
 from vqgan import Discriminator, LossConfig, VQGANLoss
 from vqgan.quantizer import QuantizerConfig, VectorQuantizer
 from vqgan.training import stage1_step
@@ -70,7 +70,7 @@ class Stage1:
             return make_adam(module.parameters(), 1e-3, (0.5, 0.9), 0.01, CUDA)
         return torch.optim.AdamW(module.parameters(), lr=1e-3, betas=(0.5, 0.9), weight_decay=0.01)
 
-    def step(self, images: list[torch.Tensor], step: int, **options) -> dict:
+    def step(self, images: list[torch.Tensor], step: int, **options) -> tuple[dict, NonFiniteCheck]:
         batches = [x.to(CUDA, memory_format=self.memory_format) for x in images]
         return stage1_step(self.model, self.disc, self.loss, self.opt_ae, self.opt_disc, batches, step,
                            grad_clip=1.0, ema=self.ema, **options)
@@ -124,9 +124,9 @@ def test_compiled_stage1_step_gives_the_eager_losses(exact_fp32: None) -> None:
     eager, compiled = Stage1(disc_start=1), Stage1(disc_start=1)
     train_model, train_disc = compile_module(compiled.model), compile_module(compiled.disc)
     for step, batch in enumerate(images(3)):
-        expected = eager.step([batch], step)
-        logs = compiled.step([batch], step, train_model=train_model, train_disc=train_disc)
-        assert logs["nonfinite"].cause() is None
+        expected, _ = eager.step([batch], step)
+        logs, check = compiled.step([batch], step, train_model=train_model, train_disc=train_disc)
+        assert check.cause() is None
         assert_close_logs(logs, expected, rel=1e-4 if step == 0 else 1e-2)
         if step == 0:
             assert_close_grads(compiled.model, eager.model, rel=1e-4)
@@ -135,7 +135,7 @@ def test_compiled_stage1_step_gives_the_eager_losses(exact_fp32: None) -> None:
 def test_fused_adamw_and_channels_last_give_the_plain_step(exact_fp32: None) -> None:
     plain, fast = Stage1(fused=False), Stage1(fused=True, channels_last=True)
     batch = images(1)
-    assert_close_logs(fast.step(batch, 0), plain.step(batch, 0), rel=1e-4)
+    assert_close_logs(fast.step(batch, 0)[0], plain.step(batch, 0)[0], rel=1e-4)
     assert_close_grads(fast.model, plain.model, rel=1e-4)
     assert_close_grads(fast.disc, plain.disc, rel=1e-4)
     assert fast.model.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -164,8 +164,8 @@ def test_one_process_nccl_ddp_step(tmp_path: Path) -> None:
         train_model = DDP(setup.model, device_ids=[CUDA.index or 0], broadcast_buffers=False)
         train_disc = DDP(setup.disc, device_ids=[CUDA.index or 0])
         for step, batch in enumerate(images(3)):
-            logs = setup.step([batch[:2], batch[2:]], step, train_model=train_model, train_disc=train_disc)
-        assert logs["nonfinite"].cause() is None and math.isfinite(float(logs["rec_loss"]))
+            logs, check = setup.step([batch[:2], batch[2:]], step, train_model=train_model, train_disc=train_disc)
+        assert check.cause() is None and math.isfinite(float(logs["rec_loss"]))
         assert int(setup.model.quantizer.usage_steps) == 3
     finally:
         dist.destroy_process_group()
@@ -195,20 +195,19 @@ def test_stage1_steps_between_log_steps_do_not_synchronise(tmp_path: Path) -> No
     with TrainingLog(tmp_path, ["rec_loss", "usage", "bad_steps"], start_step=0, max_steps=6, log_every=6,
                      items_per_step=4, desc="test", postfix_keys=(), is_main=True, bad_steps=tracker) as log:
         for step in range(2):  # warm-up: optimizer state, cuDNN plans
-            log.step(step + 1, setup.step(batches[step], step, amp_dtype=torch.bfloat16), lr=1e-3)
+            log.step(step + 1, *setup.step(batches[step], step, amp_dtype=torch.bfloat16), lr=1e-3)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             for step in range(2, 5):
-                log.step(step + 1, setup.step(batches[step], step, amp_dtype=torch.bfloat16), lr=1e-3)
+                log.step(step + 1, *setup.step(batches[step], step, amp_dtype=torch.bfloat16), lr=1e-3)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert tracker.total == 0  # not read yet
-        logs = setup.step(batches[5], 5, amp_dtype=torch.bfloat16)
-        log.step(6, dict(logs), lr=1e-3)
+        logs, check = setup.step(batches[5], 5, amp_dtype=torch.bfloat16)
+        log.step(6, logs, check, lr=1e-3)
     assert tracker.total == 1 and tracker.consecutive == 0
-    values = as_floats({k: v for k, v in logs.items() if k != "nonfinite"})
-    assert all(math.isfinite(v) for v in values.values())
+    assert all(math.isfinite(v) for v in as_floats(logs).values())
 
 
 def test_stage2_steps_do_not_synchronise() -> None:
@@ -226,8 +225,8 @@ def test_stage2_steps_do_not_synchronise() -> None:
     torch.cuda.set_sync_debug_mode("error")
     try:
         for batch in batches[2:]:
-            logs = stage2_step(prior, optimizer, [batch], grad_clip=1.0, amp_dtype=torch.bfloat16, ema=ema)
+            logs, check = stage2_step(prior, optimizer, [batch], grad_clip=1.0, amp_dtype=torch.bfloat16, ema=ema)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert logs.pop("nonfinite").cause() is None
+    assert check.cause() is None
     assert all(math.isfinite(v) for v in as_floats(logs).values())

@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from transformer import GPT
-from transformer.decoding import TokenDecoder
-from transformer.gpt import attention
 
 VOCAB, BLOCK = 20, 16
 
@@ -70,7 +68,7 @@ def test_kv_cache_matches_full_forward(positions, chunks):
 def test_kv_cache_limits():
     gpt = tiny_gpt()
     cache = gpt.new_cache(2, max_len=4)
-    assert cache.keys.shape == (2, 2, 2, 4, 16)
+    assert cache.keys.shape == (2, 2, 2, 4, 16) and cache.state_dict() == {}
     gpt.forward_with_cache(torch.zeros(2, 3, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="KV cache holds 4"):
         gpt.forward_with_cache(torch.zeros(2, 2, dtype=torch.long), cache)
@@ -130,57 +128,18 @@ def test_overfits_a_few_sequences():
     assert loss.item() < 0.05
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_bf16_training_attention_on_cpu_is_written_out_and_matches_fp32(causal):
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 8, 4, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    mask = None if causal else torch.rand(8, 8) > 0.3
-    if mask is not None:
-        mask[:, 0] = True  # every query sees at least one key
-    calls = []
-    original = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].dtype)
-        return original(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = attention(q, k, v, mask, causal, 0.0)
-        with torch.no_grad():
-            attention(q, k, v, mask, causal, 0.0)
-    assert calls == [torch.bfloat16]  # the fused kernel only where no backward follows
-    assert y.dtype == torch.bfloat16
-    fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    expected = original(*fp32, attn_mask=mask, is_causal=causal)
-    torch.testing.assert_close(y.float(), expected, atol=2e-2, rtol=0)
-    y.float().sum().backward()
-    expected.sum().backward()
-    for ours, reference in zip((q, k, v), fp32):
-        assert ours.grad.dtype == torch.bfloat16
-        torch.testing.assert_close(ours.grad.float(), reference.grad, atol=5e-2, rtol=0)
-
-
-def test_bf16_training_attention_on_cpu_applies_dropout_and_refuses_mask_with_causal():
-    q, k, v = (torch.randn(2, 2, 8, 4, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        dropped = attention(q, k, v, None, True, 1.0)
-        kept = attention(q, k, v, None, True, 0.0)
-    assert torch.count_nonzero(dropped) == 0 and torch.count_nonzero(kept) > 0
-    with pytest.raises(ValueError, match="not both"):
-        attention(q, k, v, torch.ones(8, 8, dtype=torch.bool), True, 0.0)
-
-
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
-@pytest.mark.parametrize("prefix_len", [1, 4])
-def test_token_decoder_steps_give_the_full_forward_logits(positions, prefix_len):
+def test_forward_at_positions_gives_the_full_forward_logits(positions):
+    """The call compiled sampling makes: one token at a position given as a tensor, the cache untouched
+    otherwise (``length`` stays where it is)."""
     gpt = tiny_gpt(positions, out_vocab_size=12)
     idx = torch.randint(VOCAB, (3, BLOCK))
     full = gpt(idx)[0]
-    decoder = TokenDecoder(gpt, 3, BLOCK)
-    logits = [decoder.prefill(idx[:, :prefix_len])]
-    logits += [decoder.step(idx[:, t:t + 1]) for t in range(prefix_len, BLOCK)]
-    torch.testing.assert_close(torch.stack(logits, dim=1), full[:, prefix_len - 1:], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="all used"):
-        decoder.step(idx[:, :1])
+    cache = gpt.new_cache(3)
+    logits = [gpt.forward_at(idx[:, :4], torch.arange(4), cache)]
+    position = torch.tensor([4])
+    for t in range(4, BLOCK):
+        logits.append(gpt.forward_at(idx[:, t:t + 1], position, cache))
+        position += 1
+    assert cache.length == 0
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-5, rtol=0)

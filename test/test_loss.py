@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from benchmarks.reference import reference_generator_backward
+from utils.logging import as_floats
 from vqgan.loss import (
     LossConfig,
     VQGANLoss,
@@ -63,7 +64,7 @@ def generator_step(loss: VQGANLoss, step: int, fused: bool, scale: float = 1.0, 
         logs = reference_generator_backward(loss, x, reconstruction, codebook_loss, discriminator, last_layer, step,
                                             scale)
     grads = {name: p.grad.clone() for name, p in autoencoder.named_parameters()}
-    return grads, logs, discriminator
+    return grads, as_floats(logs), discriminator
 
 
 def test_reconstruction_and_gan_losses_on_known_values() -> None:
@@ -176,6 +177,7 @@ def test_discriminator_loss_with_lecam_anchors_and_state_round_trip() -> None:
     discriminator = nn.Identity()
     real, fake = torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 2.0])
     value, logs = loss.discriminator_loss(real, fake, discriminator)
+    logs = as_floats(logs)
     assert loss.lecam.real.item() == pytest.approx(2.0) and loss.lecam.fake.item() == pytest.approx(0.5)
     expected_lecam = lecam_regularizer(real, fake, torch.tensor(2.0), torch.tensor(0.5)).item()
     assert logs["lecam_loss"] == pytest.approx(expected_lecam)
@@ -204,6 +206,7 @@ def test_discriminator_loss_detaches_the_reconstruction() -> None:
     x = torch.rand(2, 3, 16, 16)
     reconstruction = torch.rand(2, 3, 16, 16, requires_grad=True)
     after, logs = loss.discriminator_loss(x, reconstruction, discriminator)
+    logs = as_floats(logs)
     assert after.item() == pytest.approx(logs["d_loss"]) and logs["lecam_loss"] == 0.0
     after.backward()
     assert reconstruction.grad is None

@@ -109,9 +109,9 @@ def test_bad_labels_and_shapes():
     cond = tiny_prior(class_conditional=True, num_classes=4)
     indices = torch.randint(K, (2, H * W))
     with pytest.raises(ValueError, match="class id 4 is out of range.*0..3"):
-        cond(indices, torch.tensor([0, 4]))
+        cond.check_labels(torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="class id -1"):
-        cond(indices, torch.tensor([-1, 0]))
+        cond.check_labels(torch.tensor([-1, 0]))
     with pytest.raises(ValueError, match="class-conditional"):
         cond(indices)
     with pytest.raises(ValueError, match="expected 6 codes"):

@@ -26,10 +26,10 @@ def perplexity(quantizer: VectorQuantizer) -> float:
     return float(quantizer.window_statistics()[1])
 
 
-def train_step(quantizer: VectorQuantizer, *batches: torch.Tensor, sync_free: bool | None = None):
+def train_step(quantizer: VectorQuantizer, *batches: torch.Tensor):
     """Training forwards on ``batches`` (micro-batches of one optimizer step), then the end of the step."""
     outputs = [quantizer(z) for z in batches]
-    quantizer.end_step(sync_free=sync_free)
+    quantizer.end_step()
     return outputs[-1]
 
 
@@ -136,18 +136,17 @@ def test_ema_update_matches_hand_computation() -> None:
     assert quantizer.codebook.flatten().tolist() == pytest.approx([1.5 * 2.7 / (1.6 * 2.5), 9.5 * 2.7 / (1.1 * 2.5)])
 
 
-@pytest.mark.parametrize("sync_free", [False, True], ids=["host count", "sync-free"])
 @pytest.mark.parametrize("ema", [False, True])
-def test_dead_codes_are_reseeded_from_encoder_outputs(ema: bool, sync_free: bool) -> None:
+def test_dead_codes_are_reseeded_from_encoder_outputs(ema: bool) -> None:
     torch.manual_seed(0)
     quantizer = make_quantizer(8, 2, ema=ema, dead_code_steps=2)
     set_codes(quantizer, [[0.0, 0.0]] + [[100.0, 100.0]] * 7)
     z = torch.randn(2, 2, 4, 4)
     flat = z.permute(0, 2, 3, 1).reshape(-1, 2)
-    assert train_step(quantizer, z, sync_free=sync_free).indices.unique().tolist() == [0]
+    assert train_step(quantizer, z).indices.unique().tolist() == [0]
     assert quantizer.steps_since_used.tolist() == [0] + [1] * 7
     assert torch.allclose(quantizer.codebook[1:], torch.full((7, 2), 100.0), atol=1e-3)
-    assert train_step(quantizer, z, sync_free=sync_free).indices.unique().tolist() == [0]
+    assert train_step(quantizer, z).indices.unique().tolist() == [0]
     revived = quantizer.codebook[1:].detach()
     assert all((flat == code).all(1).any() for code in revived)
     assert quantizer.steps_since_used.tolist() == [0] * 8

@@ -1,5 +1,7 @@
 """Sampling: logit filters, top-k / top-p support, guidance, cache vs recompute, determinism."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -142,3 +144,14 @@ def test_argument_errors_and_mode_restored():
     with pytest.raises(ValueError, match="block_size"):
         sample_tokens(gpt, prefix, BLOCK + 1, use_cache=False)
     assert gpt.training
+
+
+def test_compiled_sampling_gives_the_eager_tokens():
+    """``compile=True`` runs the same forward under torch.compile (inductor on the CPU): same tokens at fp32."""
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile (inductor) needs a C++ compiler for CPU code")
+    gpt = GPT(VOCAB, 8, n_layer=1, n_head=2, n_embd=16, dropout=0.0, positions="rotary")
+    prefix = torch.randint(VOCAB, (2, 2), generator=torch.Generator().manual_seed(0))
+    eager, compiled = (sample_tokens(gpt, prefix, 6, top_k=8, compile=compile,
+                                     generator=torch.Generator().manual_seed(1)) for compile in (False, True))
+    assert torch.equal(compiled, eager)

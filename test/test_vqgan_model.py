@@ -147,7 +147,7 @@ def test_model_config_rebuilds_the_model_and_old_configs_are_refused_clearly() -
     rebuilt.load_state_dict(model.state_dict())
     assert model.codebook_size == VQGANConfig().codebook_size
     assert isinstance(model.quantizer, VectorQuantizer)
-    assert model.last_layer is model.decoder.conv_out.weight and model.last_layer.shape[0] == 1
+    assert model.last_layer_weight is model.decoder.conv_out.weight and model.last_layer_weight.shape[0] == 1
     state = {"model_config": {**model.model_config, "colour_space": "lab"}, "model": model.state_dict()}
     with pytest.raises(CheckpointError, match="old.pt.*model_config.*colour_space"):
         VQGAN.from_checkpoint(state, "old.pt")

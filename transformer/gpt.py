@@ -6,7 +6,8 @@ special tokens) and the output vocabulary (what the model predicts) may differ.
 
 Incremental decoding: ``cache = gpt.new_cache(batch_size)`` then ``gpt.forward_with_cache(idx,
 cache)`` any number of times; each call appends ``idx.shape[1]`` positions and returns their
-logits, which equal those of a full forward over the whole sequence.
+logits, which equal those of a full forward over the whole sequence. Both run the same blocks;
+with a cache, attention covers the cache's fixed ``max_len`` positions, masked beyond each query's own.
 """
 
 from __future__ import annotations
@@ -18,39 +19,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformer.linear import Linear
-
 Positions = Literal["learned", "rotary"]
 
 
-class KVCache:
-    """Keys and values of every layer for a batch, preallocated up to ``max_len`` positions.
+class KVCache(nn.Module):
+    """Keys and values of every layer for a batch, preallocated for ``max_len`` positions.
 
-    ``keys`` and ``values`` have shape [n_layer, B, n_head, max_len, head_dim]; ``length`` counts
-    the positions already written. Keys are stored after the rotary rotation, if any.
+    ``keys`` and ``values`` are buffers of shape [n_layer, B, n_head, max_len, head_dim] (keys after the
+    rotary rotation, if any); ``length`` counts the positions :meth:`GPT.forward_with_cache` has written.
+    The shapes never change, so a compiled decoding step runs on the same buffers every time.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.register_buffer("keys", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.max_len = max_len
         self.length = 0
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k``, ``v`` [B, n_head, t, head_dim] after the cached positions of ``layer``.
-
-        Returns the keys and values of all positions so far (cached + new). ``length`` is not
-        moved here: the model calls :meth:`advance` once all layers have written.
-        """
-        end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def advance(self, t: int) -> None:
-        self.length += t
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` [B, n_head, t, head_dim] at ``positions`` [t] of ``layer``; all keys and values
+        of the layer (every ``max_len`` position: the caller masks those not yet written)."""
+        self.keys[layer].index_copy_(2, positions, k)
+        self.values[layer].index_copy_(2, positions, v)
+        return self.keys[layer], self.values[layer]
 
 
 class Rotary(nn.Module):
@@ -65,9 +60,9 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosines and sines [length, head_dim / 2] for positions ``start .. start + length - 1``."""
-        return self.cos[start:start + length], self.sin[start:start + length]
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosines and sines [T, head_dim / 2] for ``positions`` [T]."""
+        return self.cos[positions], self.sin[positions]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -77,65 +72,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-              dropout_p: float) -> torch.Tensor:
-    """Scaled dot-product attention of ``q`` [B, n_head, T, head_dim] over ``k``, ``v`` [B, n_head, S, head_dim].
-
-    ``mask`` (bool [T, S], True = attend) or ``is_causal`` restrict the keys each query sees. On CPU, the
-    flash-attention kernel's backward in bf16 is several times slower than in fp32, and both are
-    slower than bf16 batched products around a softmax (per layer of the benchmark's GPT, forward and
-    backward: 9.6 ms bf16 flash, 3.4 ms fp32 flash, 1.7 ms written out), so where gradients are taken
-    in bf16 on CPU the attention is written out: one ``baddbmm`` gives the scaled scores (rounded to
-    bf16, as the flash kernel's bf16 path also rounds its probabilities) plus the mask as an additive
-    bias, and the CPU softmax reads the bf16 scores and computes in fp32.
-    """
-    if mask is not None and is_causal:
-        raise ValueError("attention takes a mask or is_causal, not both.")
-    if not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
-    B, H, T, D = q.shape
-    S = k.shape[-2]
-    if is_causal:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-    bias = q.new_zeros(()).expand(T, S) if mask is None else q.new_zeros(T, S).masked_fill(~mask, float("-inf"))
-    scores = torch.baddbmm(bias.expand(B * H, T, S), q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2),
-                           beta=0.0 if mask is None else 1.0, alpha=D ** -0.5)
-    probs = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
-    return torch.bmm(probs, v.reshape(B * H, S, D)).view(B, H, T, D)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
         super().__init__()
         self.n_head = n_head
-        self.qkv = Linear(n_embd, 3 * n_embd)
-        self.proj = Linear(n_embd, n_embd)
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+                positions: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            k, v = cache.write(layer, k, v)
         mask = None
-        if start > 0 and T > 1:
-            # New queries see every cached position and the new ones up to themselves.
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = attention(q, k, v, mask, start == 0 and T > 1, self.dropout if self.training else 0.0)
+        if cache is not None:
+            k, v = cache.write(layer, positions, k, v)
+            # Each query sees the cache up to its own position; a fixed-size mask keeps shapes static.
+            mask = torch.arange(cache.max_len, device=x.device) <= positions[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):
     def __init__(self, n_embd: int, dropout: float) -> None:
         super().__init__()
-        self.fc = Linear(n_embd, 4 * n_embd)
-        self.proj = Linear(4 * n_embd, n_embd)
+        self.fc = nn.Linear(n_embd, 4 * n_embd)
+        self.proj = nn.Linear(4 * n_embd, n_embd)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,8 +117,8 @@ class Block(nn.Module):
         self.mlp = MLP(n_embd, dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+                positions: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, positions, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -185,7 +151,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
-        self.head = Linear(n_embd, self.out_vocab_size, bias=False)
+        self.head = nn.Linear(n_embd, self.out_vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):  # residual-branch outputs, scaled as in GPT-2
@@ -198,26 +164,25 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def _run(self, idx: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
-        T = idx.shape[1]
-        if start + T > self.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.block_size}.")
+    def _run(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         x = self.tok_emb(idx)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(positions)
         else:
-            rope = self.rotary(start, T)
+            rope = self.rotary(positions)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer)
+            x = block(x, rope, positions, cache, layer)
         return self.head(self.ln_f(x))
 
     def forward(self, idx: torch.Tensor,
                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, T, out_vocab_size] for tokens ``idx`` [B, T], and the mean cross-entropy
         against ``targets`` [B, T] (entries equal to -100 are ignored) when given."""
-        logits = self._run(idx, 0, None)
+        if idx.shape[1] > self.block_size:
+            raise ValueError(f"sequence of {idx.shape[1]} tokens exceeds block_size {self.block_size}.")
+        logits = self._run(idx, torch.arange(idx.shape[1], device=idx.device), None)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
@@ -237,9 +202,19 @@ class GPT(nn.Module):
         if cache.length + idx.shape[1] > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length} used, "
                              f"{idx.shape[1]} more requested.")
-        logits = self._run(idx, cache.length, cache)
-        cache.advance(idx.shape[1])
+        positions = torch.arange(cache.length, cache.length + idx.shape[1], device=idx.device)
+        logits = self.forward_at(idx, positions, cache)
+        cache.length += idx.shape[1]
         return logits
+
+    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, t, out_vocab_size] of tokens ``idx`` [B, t] at ``positions`` [t] (a long tensor, every
+        earlier position already in ``cache``), whose keys and values are written into ``cache``.
+
+        Nothing here depends on Python values that change from token to token (``cache.length`` is
+        neither read nor moved), so a ``torch.compile`` of this call decodes every token with one graph.
+        """
+        return self._run(idx, positions, cache)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: decay on every matrix (linear weights and embeddings, as in

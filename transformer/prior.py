@@ -23,8 +23,7 @@ from torch import nn
 from transformer.gpt import GPT
 from transformer.sampling import SamplingConfig, sample_tokens
 from utils.checkpoint import CheckpointError, load_state_dict_checked
-from utils.config import opt
-from utils.device import reads_stall
+from utils.config import option
 
 Labels = int | Sequence[int] | torch.Tensor
 
@@ -33,14 +32,14 @@ Labels = int | Sequence[int] | torch.Tensor
 class PriorConfig:
     """The ``transformer`` config section: the GPT and how the prior trains it."""
 
-    n_layer: int = opt(8, "transformer blocks")
-    n_head: int = opt(8, "attention heads")
-    n_embd: int = opt(512, "embedding width")
-    dropout: float = opt(0.0, "dropout in attention and MLP")
-    positions: Literal["learned", "rotary"] = opt("learned", "position encoding")
-    class_conditional: bool = opt(True, "condition on the dataset's class labels")
-    class_dropout: float = opt(0.1, "probability of dropping the class (enables classifier-free guidance)")
-    pkeep: float = opt(1.0, "probability of keeping each input token (the rest become random codes)")
+    n_layer: int = option(8, "transformer blocks")
+    n_head: int = option(8, "attention heads")
+    n_embd: int = option(512, "embedding width")
+    dropout: float = option(0.0, "dropout in attention and MLP")
+    positions: Literal["learned", "rotary"] = option("learned", "position encoding")
+    class_conditional: bool = option(True, "condition on the dataset's class labels")
+    class_dropout: float = option(0.1, "probability of dropping the class (enables classifier-free guidance)")
+    pkeep: float = option(1.0, "probability of keeping each input token (the rest become random codes)")
 
 
 class VQGANPrior(nn.Module):
@@ -138,7 +137,16 @@ class VQGANPrior(nn.Module):
         return self.vqgan.decode_indices(indices.reshape(-1, *self.latent_size))
 
     def check_labels(self, labels: torch.Tensor | None) -> None:
-        """Raise ValueError (with the fix) for labels this prior cannot take."""
+        """Raise ValueError (with the fix) for labels this prior cannot take. Reads the ids on the host:
+        sampling and the scripts call it on labels a user gives, never the training step."""
+        self._check_conditioning(labels)
+        if labels is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
+            raise ValueError(f"class id {bad} is out of range: this prior has {self.num_classes} classes, "
+                             f"use ids 0..{self.num_classes - 1}.")
+
+    def _check_conditioning(self, labels: torch.Tensor | None) -> None:
+        """Labels given exactly when the prior is class-conditional (nothing read on the host)."""
         if not self.class_conditional:
             if labels is not None:
                 raise ValueError("this prior is unconditional (class_conditional=False) and takes no class; "
@@ -147,18 +155,11 @@ class VQGANPrior(nn.Module):
         if labels is None:
             raise ValueError(f"this prior is class-conditional; pass a class id in 0..{self.num_classes - 1} "
                              "for every sequence.")
-        # The range is checked where reading it is free (sampling passes CPU labels); a training step on
-        # CUDA must not wait for the GPU, and an id out of range fails in the embedding there instead.
-        if labels.numel() and not reads_stall(labels.device) and (
-                int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
-            raise ValueError(f"class id {bad} is out of range: this prior has {self.num_classes} classes, "
-                             f"use ids 0..{self.num_classes - 1}.")
 
     def prefix_tokens(self, labels: torch.Tensor | None, batch_size: int,
                       device: torch.device | None = None) -> torch.Tensor:
         """The first input token [B, 1]: the class token ``K + label`` or the start token ``K``."""
-        self.check_labels(labels)
+        self._check_conditioning(labels)
         if labels is None:
             return torch.full((batch_size, 1), self.null_token, dtype=torch.long, device=device)
         return (labels.long() + self.codebook_size).view(batch_size, 1).to(device)
@@ -219,13 +220,15 @@ class VQGANPrior(nn.Module):
     @torch.no_grad()
     def sample(self, num: int, labels: Labels | None = None, *, temperature: float = SamplingConfig.temperature,
                top_k: int | None = SamplingConfig.top_k, top_p: float | None = SamplingConfig.top_p,
-               cfg_scale: float = SamplingConfig.cfg_scale, generator: torch.Generator | None = None,
+               cfg_scale: float = SamplingConfig.cfg_scale, compile: bool = SamplingConfig.compile,
+               generator: torch.Generator | None = None,
                batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``num`` code grids and decode them: (indices [N, h, w], images [N, C, H, W]).
 
         ``labels`` (class-conditional priors only): one class id for all samples, or one per
         sample; ``None`` draws classes uniformly with ``generator``. ``cfg_scale`` mixes the
-        conditional and null-token predictions (classifier-free guidance). Samples are drawn
+        conditional and null-token predictions (classifier-free guidance); ``compile`` decodes with
+        the compiled one-token step (see :func:`transformer.sampling.sample_tokens`). Samples are drawn
         ``batch_size`` (default: all) at a time.
         """
         labels = self._sample_labels(num, labels, cfg_scale, generator)
@@ -238,7 +241,8 @@ class VQGANPrior(nn.Module):
             prefix = self.prefix_tokens(chunk, b, device)
             uncond = torch.full_like(prefix, self.null_token)
             tokens = sample_tokens(self.gpt, prefix, self.seq_len, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   cfg_scale=cfg_scale, uncond_prefix=uncond, generator=generator)
+                                   cfg_scale=cfg_scale, compile=compile, uncond_prefix=uncond,
+                                   generator=generator)
             indices = tokens.view(b, *self.latent_size)
             all_indices.append(indices)
             all_images.append(self.vqgan.decode_indices(indices))

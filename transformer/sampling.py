@@ -1,31 +1,35 @@
 """Autoregressive sampling from a GPT: temperature, top-k, top-p, classifier-free guidance.
 
-``sample_tokens`` decodes a batch with the model's KV cache (one new position per step, through
-:class:`transformer.decoding.TokenDecoder`) or, as the straightforward reference, by recomputing
-the whole sequence every step. Both give the same
-tokens for the same generator state.
+``sample_tokens`` decodes a batch through the GPT's own forward with a preallocated KV cache (one new
+position per step, :meth:`transformer.gpt.GPT.forward_at`) or, as the straightforward reference, by
+recomputing the whole sequence every step. Both give the same tokens for the same generator state.
+With ``compile=True`` the one-token step runs under ``torch.compile`` with static shapes, as in
+gpt-fast: the cache has a fixed size and the position is a tensor, so one graph decodes every token
+(on CUDA with CUDA graphs, ``mode="reduce-overhead"``, which removes the per-kernel launch cost that
+dominates small decoding steps).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from transformer.decoding import TokenDecoder
-from transformer.gpt import GPT
-from utils.config import opt
+from transformer.gpt import GPT, KVCache
+from utils.config import option
 
 
 @dataclass
 class SamplingConfig:
     """The ``sample`` config section; its defaults are also :func:`sample_tokens`'s (plain sampling)."""
 
-    temperature: float = opt(1.0, "softmax temperature")
-    top_k: Optional[int] = opt(None, "keep only the k most likely codes")
-    top_p: Optional[float] = opt(None, "keep the smallest set of codes whose probability reaches p")
-    cfg_scale: float = opt(1.0, "classifier-free guidance scale (1 = plain conditional)")
+    temperature: float = option(1.0, "softmax temperature")
+    top_k: Optional[int] = option(None, "keep only the k most likely codes")
+    top_p: Optional[float] = option(None, "keep the smallest set of codes whose probability reaches p")
+    cfg_scale: float = option(1.0, "classifier-free guidance scale (1 = plain conditional)")
+    compile: bool = option(False, "torch.compile the one-token decoding step (CUDA graphs on CUDA)")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -81,15 +85,16 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 @torch.no_grad()
 def sample_tokens(gpt: GPT, prefix: torch.Tensor, num_tokens: int, *, temperature: float = SamplingConfig.temperature,
                   top_k: int | None = SamplingConfig.top_k, top_p: float | None = SamplingConfig.top_p,
-                  cfg_scale: float = SamplingConfig.cfg_scale,
+                  cfg_scale: float = SamplingConfig.cfg_scale, compile: bool = SamplingConfig.compile,
                   uncond_prefix: torch.Tensor | None = None, generator: torch.Generator | None = None,
                   use_cache: bool = True) -> torch.Tensor:
     """Sample ``num_tokens`` tokens [B, num_tokens] after ``prefix`` [B, P].
 
     With ``cfg_scale != 1`` the conditional ``prefix`` and ``uncond_prefix`` (same shape) run as
     one doubled batch and the next-token logits are ``uncond + cfg_scale * (cond - uncond)``.
-    ``use_cache=False`` recomputes the full sequence at every step (slow reference path). The
-    model is put in eval mode while sampling and restored afterwards.
+    ``compile`` runs the cached one-token step through ``torch.compile`` (see the module docstring);
+    ``use_cache=False`` recomputes the full sequence at every step (slow reference path). The model
+    is put in eval mode while sampling and restored afterwards.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
@@ -108,34 +113,61 @@ def sample_tokens(gpt: GPT, prefix: torch.Tensor, num_tokens: int, *, temperatur
     gpt.eval()
     try:
         return _decode(gpt, prefix, num_tokens, temperature, top_k, top_p, cfg_scale if guided else None,
-                       generator, use_cache)
+                       generator, use_cache, compile)
     finally:
         gpt.train(was_training)
 
 
 def _decode(gpt: GPT, prefix: torch.Tensor, num_tokens: int, temperature: float, top_k: int | None,
             top_p: float | None, cfg_scale: float | None, generator: torch.Generator | None,
-            use_cache: bool) -> torch.Tensor:
+            use_cache: bool, compiled: bool) -> torch.Tensor:
     """The sampling loop of :func:`sample_tokens`; ``prefix`` is already doubled when ``cfg_scale`` is set."""
-    batch = prefix.shape[0]
+    batch, length = prefix.shape
     out = prefix.new_empty(batch // 2 if cfg_scale is not None else batch, num_tokens)
-    decoder = TokenDecoder(gpt, batch, prefix.shape[1] + num_tokens - 1) if use_cache else None
     seq = prefix
-    logits = decoder.prefill(prefix) if decoder is not None else gpt(prefix)[0][:, -1]
+    if use_cache:
+        cache = gpt.new_cache(batch, length + num_tokens - 1)
+        logits = gpt.forward_at(prefix, torch.arange(length, device=prefix.device), cache)[:, -1]
+        position = torch.tensor([length], device=prefix.device)
+        step = compiled_decode_step(prefix.device) if compiled else decode_step
+    else:
+        logits = gpt(prefix)[0][:, -1]
     for i in range(num_tokens):
-        step = logits.float()
+        scores = logits.float()
         if cfg_scale is not None:
-            cond, uncond = step.chunk(2)
-            step = uncond + cfg_scale * (cond - uncond)
-        token = next_tokens(step, temperature, top_k, top_p, generator)
+            cond, uncond = scores.chunk(2)
+            scores = uncond + cfg_scale * (cond - uncond)
+        token = next_tokens(scores, temperature, top_k, top_p, generator)
         out[:, i:i + 1] = token
         if i + 1 == num_tokens:
             break
         if cfg_scale is not None:
             token = token.repeat(2, 1)
-        if decoder is not None:
-            logits = decoder.step(token)
+        if use_cache:
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are used up
+            logits = step(gpt, token, position, cache)
+            position += 1
         else:
             seq = torch.cat([seq, token], dim=1)
             logits = gpt(seq)[0][:, -1]
     return out
+
+
+def decode_step(gpt: GPT, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits [B, out_vocab_size] after appending ``token`` [B, 1] at ``position`` [1] (a long tensor) to ``cache``."""
+    return gpt.forward_at(token, position, cache)[:, -1]
+
+
+DecodeStep = Callable[[GPT, torch.Tensor, torch.Tensor, KVCache], torch.Tensor]
+_COMPILED_STEPS: dict[str, DecodeStep] = {}
+
+
+def compiled_decode_step(device: torch.device) -> DecodeStep:
+    """:func:`decode_step` under ``torch.compile`` with static shapes: CUDA graphs on CUDA
+    (``mode="reduce-overhead"``), inductor's default mode elsewhere. One compiled function per device
+    type, so later calls with the same shapes reuse its graphs."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in _COMPILED_STEPS:
+        _COMPILED_STEPS[mode] = torch.compile(decode_step, mode=mode, dynamic=False, fullgraph=True)
+    return _COMPILED_STEPS[mode]

@@ -14,28 +14,25 @@ import torch
 from torch import nn
 
 from transformer.prior import VQGANPrior
-from utils.device import reads_stall
 from utils.training import ModelEMA, NonFiniteCheck, autocast, clip_gradients, grad_sync, optimizer_step
 
 
 def stage2_step(prior: VQGANPrior, optimizer: torch.optim.Optimizer,
                 micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]], *, grad_clip: float,
                 amp_dtype: torch.dtype | None = None, ema: ModelEMA | None = None,
-                train_prior: nn.Module | None = None, sync_free: bool | None = None) -> dict[str, Any]:
+                train_prior: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], NonFiniteCheck]:
     """One optimizer step on ``micro_batches`` of (indices [B, h*w], labels [B] or None), gradients accumulated.
 
     The next-code cross-entropy of each micro-batch is backpropagated, the GPT's gradient norm is
     clipped to ``grad_clip``, and, if the loss and the norm are finite, the optimizer steps and
     ``ema`` follows the GPT's weights. Returns the mean loss (nats and bits per token) and the
-    gradient norm as 0-d tensors on the device; a non-finite step is reported as in
-    :func:`vqgan.training.stage1_step` (``{"nonfinite": name}`` from the host check, or a
-    ``"nonfinite"`` check to read later when ``sync_free``, the default off the CPU).
+    gradient norm as 0-d tensors on the device, and the step's non-finite check; a non-finite step is
+    skipped on the device, as :func:`vqgan.training.stage1_step` does.
     ``train_prior`` is the module to run forward (a DDP or compiled wrapper of ``prior``; default:
     ``prior``).
     """
     train_prior = prior if train_prior is None else train_prior  # a compiled module has no truth value
     device = micro_batches[0][0].device
-    sync_free = reads_stall(device) if sync_free is None else sync_free
     optimizer.zero_grad(set_to_none=True)
     total: Any = 0.0
     for i, (indices, labels) in enumerate(micro_batches):
@@ -46,16 +43,7 @@ def stage2_step(prior: VQGANPrior, optimizer: torch.optim.Optimizer,
         total = total + loss.detach().double() / len(micro_batches)
     grad_norm = clip_gradients(prior.gpt, grad_clip)
     check = NonFiniteCheck({"loss": total, "gradient": grad_norm})
-    skip = check.found if sync_free else None
-    if not sync_free:
-        cause = check.cause()
-        if cause is not None:
-            optimizer.zero_grad(set_to_none=True)
-            return {"nonfinite": cause}
-    optimizer_step(optimizer, skip)
+    optimizer_step(optimizer, check.found)
     if ema is not None:
-        ema.update(prior.gpt, skip)
-    logs = {"loss": total, "bits_per_token": total / math.log(2), "grad_norm": grad_norm}
-    if skip is not None:
-        logs["nonfinite"] = check
-    return logs
+        ema.update(prior.gpt, check.found)
+    return {"loss": total, "bits_per_token": total / math.log(2), "grad_norm": grad_norm}, check

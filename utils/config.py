@@ -29,52 +29,53 @@ class ConfigError(ValueError):
     """A config file or override that cannot be turned into a valid config."""
 
 
-def opt(default: Any, help: str) -> Any:
+def option(default: Any, help: str) -> Any:
     """A dataclass field with its default and the one-line meaning ``describe`` prints."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class DataConfig:
-    name: Literal["builtin", "mnist", "fashion_mnist", "cifar10", "folder"] = opt(
+    name: Literal["builtin", "mnist", "fashion_mnist", "cifar10", "folder"] = option(
         "builtin", "dataset: builtin (procedural, offline), mnist, fashion_mnist, cifar10 or folder")
-    root: str = opt("data", "where the dataset lives (or is downloaded to); an image folder for name=folder")
-    image_size: int = opt(32, "images are resized (and center-cropped) to this square size")
-    channels: int = opt(3, "1 (grayscale) or 3 (RGB); images are converted to this")
-    num_workers: int = opt(2, "DataLoader worker processes (0 loads in the main process)")
-    random_flip: bool = opt(False, "random horizontal flips while training")
-    class_labels: bool = opt(False, "folder datasets: use each image's subfolder as its class")
-    download: bool = opt(True, "torchvision datasets: download when the files are missing")
-    skip_bad_images: bool = opt(False, "folder datasets: skip unreadable images with a warning instead of failing")
-    num_samples: int = opt(20000, "builtin dataset: number of training images")
-    num_classes: int = opt(10, "builtin dataset: number of classes")
-    eval_samples: int = opt(2000, "number of held-out images used for evaluation")
+    root: str = option("data", "where the dataset lives (or is downloaded to); an image folder for name=folder")
+    image_size: int = option(32, "images are resized (and center-cropped) to this square size")
+    channels: int = option(3, "1 (grayscale) or 3 (RGB); images are converted to this")
+    num_workers: int = option(2, "DataLoader worker processes (0 loads in the main process)")
+    random_flip: bool = option(False, "random horizontal flips while training")
+    class_labels: bool = option(False, "folder datasets: use each image's subfolder as its class")
+    download: bool = option(True, "torchvision datasets: download when the files are missing")
+    skip_bad_images: bool = option(False, "folder datasets: skip unreadable images with a warning instead of failing")
+    num_samples: int = option(20000, "builtin dataset: number of training images")
+    num_classes: int = option(10, "builtin dataset: number of classes")
+    eval_samples: int = option(2000, "number of held-out images used for evaluation")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = opt(10000, "optimizer steps to train for")
-    batch_size: int = opt(32, "images (or sequences) per step per process")
-    lr: float = opt(2e-4, "peak learning rate")
-    betas: tuple[float, float] = opt((0.5, 0.9), "Adam betas")
-    weight_decay: float = opt(0.0, "AdamW weight decay (stage 2: matrices only)")
-    warmup_steps: int = opt(0, "linear learning-rate warmup steps")
-    lr_schedule: Literal["constant", "cosine"] = opt("constant", "learning-rate schedule after warmup")
-    min_lr_ratio: float = opt(0.1, "cosine schedule: final lr as a fraction of lr")
-    grad_clip: float = opt(1.0, "clip gradient norm to this (0 = off)")
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
-    ema_decay: float = opt(0.0, "EMA of the model weights used for samples and evaluation (0 = off)")
-    seed: int = opt(0, "random seed")
-    device: str = opt("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
-    precision: Literal["auto", "bf16", "fp32"] = opt(
+    max_steps: int = option(10000, "optimizer steps to train for")
+    batch_size: int = option(32, "images (or sequences) per step per process")
+    lr: float = option(2e-4, "peak learning rate")
+    betas: tuple[float, float] = option((0.5, 0.9), "Adam betas")
+    weight_decay: float = option(0.0, "AdamW weight decay (stage 2: matrices only)")
+    warmup_steps: int = option(0, "linear learning-rate warmup steps")
+    lr_schedule: Literal["constant", "cosine"] = option("constant", "learning-rate schedule after warmup")
+    min_lr_ratio: float = option(0.1, "cosine schedule: final lr as a fraction of lr")
+    grad_clip: float = option(1.0, "clip gradient norm to this (0 = off)")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    ema_decay: float = option(0.0, "EMA of the model weights used for samples and evaluation (0 = off)")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
+    precision: Literal["auto", "bf16", "fp32"] = option(
         "auto", "auto = bf16 autocast on CUDA, fp32 on CPU; bf16 also pays on CPUs with AVX512-BF16 or AMX")
-    compile: bool = opt(False, "wrap models in torch.compile")
-    log_every: int = opt(50, "steps between metrics.csv rows and progress-bar updates")
-    sample_every: int = opt(500, "steps between sample grids")
-    ckpt_every: int = opt(1000, "steps between periodic checkpoints (last.pt is refreshed too)")
-    num_sample_images: int = opt(8, "images in each sample grid")
-    max_bad_steps: int = opt(20, "stop after this many consecutive non-finite steps")
-    dist_timeout: float = opt(600.0, "torchrun: seconds to wait for all processes to join (and for each collective)")
+    compile: bool = option(False, "wrap models in torch.compile")
+    log_every: int = option(50, "steps between metrics.csv rows and progress-bar updates")
+    sample_every: int = option(500, "steps between sample grids")
+    ckpt_every: int = option(1000, "steps between periodic checkpoints (last.pt is refreshed too)")
+    num_sample_images: int = option(8, "images in each sample grid")
+    max_bad_steps: int = option(20, "stop after this many consecutive non-finite steps")
+    dist_timeout: float = option(600.0, "torchrun: seconds to wait for all processes to join (and for each "
+                                        "collective)")
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

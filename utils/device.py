@@ -4,6 +4,7 @@ the run reports about its machine (environment line, peak memory)."""
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import warnings
 
@@ -11,7 +12,6 @@ import torch
 
 from utils.config import ConfigError
 from utils.distributed import DistInfo
-from utils.host_memory import keep_freed_memory
 
 
 def resolve_device(spec: str, info: DistInfo) -> torch.device:
@@ -33,10 +33,7 @@ def device_type_of(spec: str) -> str:
 
 
 def configure_backends(device: torch.device) -> None:
-    """TF32 matmuls/convs and cuDNN autotuning on CUDA; on the CPU, freed activation memory kept for
-    the next step (see :mod:`utils.host_memory`)."""
-    if device.type == "cpu":
-        keep_freed_memory()
+    """TF32 matmuls/convs and cuDNN autotuning on CUDA."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -46,23 +43,21 @@ def configure_backends(device: torch.device) -> None:
 def conv_memory_format(device: torch.device, channels_last: bool, compiled: bool) -> torch.memory_format:
     """The memory format for convolutional models and their images: ``channels_last`` (when asked for)
     on CUDA, and on the CPU for models under ``torch.compile``, whose CPU convolutions run channels_last
-    whatever the parameters' layout: with contiguous parameters the compiled step converts every
-    convolution weight in each forward and its gradient back (50 ms per step of the 72M-parameter f16
-    model at 64x64 on 2 CPU cores, 0.9x the eager step; 1.05x with channels_last parameters). Eager CPU
-    steps stay contiguous, where channels_last made the whole step slightly slower."""
+    whatever the parameters' layout (with contiguous parameters the compiled step would convert every
+    convolution weight and its gradient in each step). Eager CPU steps stay contiguous, where
+    channels_last was slower in the benchmarks."""
     wanted = channels_last and (device.type == "cuda" or compiled)
     return torch.channels_last if wanted else torch.contiguous_format
 
 
-def reads_stall(device: torch.device) -> bool:
-    """Whether reading a tensor's value on the host (``float()``, ``.item()``, ``bool()``) waits for the
-    work queued on ``device``: everywhere but on the CPU, which computes in the calling thread."""
-    return device.type != "cpu"
-
-
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere it is emulated and slow."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX) where bf16 is emulated without them
+    (x86); read from the CPU flags Linux reports, and assumed elsewhere, where they cannot be read."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not os.path.exists("/proc/cpuinfo"):
+        return True
+    with open("/proc/cpuinfo") as handle:
+        flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:

@@ -107,14 +107,3 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device,
     for buffer in module.buffers():  # older torch: broadcast_buffers=False also skips the initial sync
         dist.broadcast(buffer, src=0)
     return DDP(module, device_ids=device_ids, broadcast_buffers=False)
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP and/or torch.compile wrappers."""
-    while True:
-        if isinstance(module, DDP):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module

@@ -76,15 +76,13 @@ class TrainingLog:
     """The progress bar, ``metrics.csv`` and non-finite step count of a training run; only the main
     process shows and writes.
 
-    :meth:`step` is called after every optimizer step with the step's logs, whose values may be
-    tensors on the device: they are read (converted to floats, which waits for the GPU on CUDA) only
-    on log steps. A skipped step (logs ``{"nonfinite": name}``) is announced and counted by
-    ``bad_steps`` (which stops training after too many in a row). A step that carries its non-finite
-    check on the device (a :class:`utils.training.NonFiniteCheck`, as the training steps return on
-    CUDA) is accounted for at the next log step, so on CUDA a run of bad steps is announced, and
-    training stopped, at the log step after it happened. On log steps it adds the learning rate,
-    the throughput (``items_per_s`` since the previous log step) and ``bad_steps``, shows
-    ``postfix_keys`` on the bar and writes the values whose names are ``columns``.
+    :meth:`step` is called after every optimizer step with the step's logs, 0-d tensors on the device
+    read (converted to floats, which waits for the GPU on CUDA) only on log steps, and the step's
+    :class:`utils.training.NonFiniteCheck`, read at the next log step too: skipped steps are then
+    announced and counted by ``bad_steps``, which stops training after too many in a row (at the log
+    step after they happened). On log steps it adds the learning rate, the throughput (``items_per_s``
+    since the previous log step) and ``bad_steps``, shows ``postfix_keys`` on the bar and writes the
+    values whose names are ``columns``.
     """
 
     def __init__(self, run_dir: Path, columns: list[str], *, start_step: int, max_steps: int, log_every: int,
@@ -98,7 +96,7 @@ class TrainingLog:
                         file=sys.stdout)
         self.started = self.window_start = self.last_step_end = time.perf_counter()
         self.window_items, self.steps_run = 0, 0
-        self.unchecked: list[tuple[int, NonFiniteCheck | str | None]] = []
+        self.unchecked: list[tuple[int, NonFiniteCheck]] = []
 
     def __enter__(self) -> TrainingLog:
         return self
@@ -106,20 +104,18 @@ class TrainingLog:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def step(self, step: int, logs: dict[str, Any], lr: float) -> None:
-        """Account for optimizer step ``step`` (1-based), taken at learning rate ``lr``, and log ``logs``
-        when it is a log step."""
-        cause = logs.pop("nonfinite", None)
-        self.unchecked.append((step, cause))
+    def step(self, step: int, logs: dict[str, Any], check: NonFiniteCheck, lr: float) -> None:
+        """Account for optimizer step ``step`` (1-based), taken at learning rate ``lr``, whose non-finite
+        check is ``check``, and log ``logs`` when it is a log step."""
+        self.unchecked.append((step, check))
         log_step = step % self.log_every == 0 or step == self.max_steps
-        if log_step or not isinstance(cause, NonFiniteCheck):
-            cause = self._check_steps()
         self.window_items += self.items_per_step
         self.steps_run += 1
         self.last_step_end = time.perf_counter()
         self.bar.update(1)
         if not log_step:
             return
+        cause = self._check_steps()
         logs = {} if cause is not None else {**as_floats(logs), "lr": lr}
         elapsed = time.perf_counter() - self.window_start
         logs = {**logs, "items_per_s": self.window_items / max(elapsed, 1e-9),
@@ -135,7 +131,7 @@ class TrainingLog:
         unchecked, self.unchecked = self.unchecked, []
         cause = None
         for step, check in unchecked:
-            cause = check.cause() if isinstance(check, NonFiniteCheck) else check
+            cause = check.cause()
             skipped = self.bad_steps.record(step, cause)
             if skipped:
                 self.write(skipped)

@@ -1,10 +1,10 @@
 """Pieces both training steps and both training scripts use: optimizer and learning-rate schedule,
 autocast, gradient clipping, micro-batch gradient sync, weight EMA, and undoing a skipped step.
 
-A skipped (non-finite) step can be undone without reading anything on the host: the check is a
-device flag (:class:`NonFiniteCheck`), and :meth:`TensorSnapshot.restore`, :func:`optimizer_step`
-and :meth:`ModelEMA.update` take that flag and act on the device, so a CUDA step queues its work
-and returns while the GPU is still computing.
+A non-finite step is skipped the same way on every device, without reading anything on the host: the
+check is a device flag (:class:`NonFiniteCheck`), and :meth:`TensorSnapshot.restore`, :func:`optimizer_step`
+and :meth:`ModelEMA.update` take that flag and act on the device (``torch.where``), so a CUDA step
+queues its work and returns while the GPU is still computing. The flag is read with the logs.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ FUSED_ADAM_DEVICES = ("cuda", "cpu")
 
 def make_adam(params: Any, lr: float, betas: tuple[float, float], weight_decay: float,
               device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (one pass over each parameter: on CPU about 5x faster than the
-    multi-tensor one, and able to skip a non-finite step on the device); multi-tensor elsewhere."""
+    """AdamW with the fused kernel (one pass over each parameter, and its step count kept on the
+    parameters' device, where :func:`optimizer_step` can put it back); multi-tensor elsewhere."""
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
                              fused=device.type in FUSED_ADAM_DEVICES)
 
@@ -98,23 +98,25 @@ class NonFiniteCheck:
         return next((name for name, bad in zip(self.names, self.flags.tolist()) if bad), None)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor | None = None) -> None:
-    """``optimizer.step()``, left out where the 0-d bool tensor ``skip`` is true.
+@torch.no_grad()
+def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()``, undone where the 0-d bool tensor ``skip`` is true, decided on the device.
 
-    Optimizers that take an inf/NaN flag the way ``torch.amp.GradScaler`` hands it over (fused
-    Adam and AdamW: ``found_inf``) skip on the device: weights, moments and step count stay as they
-    were, and nothing is read on the host. Others read ``skip`` on the host first.
+    The parameters that have gradients and their optimizer state (Adam's moments and step count) are
+    copied before the step and put back with ``torch.where`` after it; state the step created (a
+    parameter's first step) is zeroed, which is how the optimizer starts it. State kept on another
+    device than ``skip`` (the step count of a non-fused Adam on CUDA) is moved to it and back.
     """
-    if skip is None:
-        optimizer.step()
-    elif getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.grad_scale, optimizer.found_inf = None, skip.float()
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale, optimizer.found_inf
-    elif not bool(skip):
-        optimizer.step()
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    state = [t for p in params for t in optimizer.state.get(p, {}).values() if isinstance(t, torch.Tensor)]
+    fresh = [p for p in params if not optimizer.state.get(p)]
+    saved = TensorSnapshot([*params, *state])
+    optimizer.step()
+    saved.restore(where=skip)
+    for p in fresh:
+        for t in optimizer.state[p].values():
+            if isinstance(t, torch.Tensor):
+                t.copy_(torch.where(skip.to(t.device), 0, t))
 
 
 class ModelEMA:
@@ -125,15 +127,9 @@ class ModelEMA:
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module, skip: torch.Tensor | None = None) -> None:
+    def update(self, module: torch.nn.Module, skip: torch.Tensor) -> None:
         """Move the average towards ``module``'s weights and copy its buffers; where the 0-d bool tensor
         ``skip`` is true, leave everything as it is (decided on the device)."""
-        if skip is None:
-            for ema_p, p in zip(self.module.parameters(), module.parameters()):
-                ema_p.lerp_(p.detach(), 1 - self.decay)
-            for ema_b, b in zip(self.module.buffers(), module.buffers()):
-                ema_b.copy_(b)
-            return
         weight = torch.where(skip, 0.0, 1 - self.decay)
         for ema_p, p in zip(self.module.parameters(), module.parameters()):
             ema_p.lerp_(p.detach(), weight.to(ema_p.dtype))
@@ -160,7 +156,7 @@ class TensorSnapshot:
         """Put the saved values back; only where the 0-d bool tensor ``where`` is true, if given (decided
         on the device, so the caller need not read it)."""
         for tensor, saved in zip(self.tensors, self.saved):
-            tensor.copy_(saved if where is None else torch.where(where, saved, tensor))
+            tensor.copy_(saved if where is None else torch.where(where.to(tensor.device), saved, tensor))
 
 
 def set_seed(seed: int) -> None:

@@ -14,7 +14,7 @@ from utils.config import (
     check_counts,
     check_fraction,
     check_value,
-    opt,
+    option,
     validate_data_and_train,
 )
 from vqgan.discriminator import Discriminator, DiscriminatorConfig, logit_map_size
@@ -27,9 +27,9 @@ from vqgan.model import VQGAN, VQGANConfig
 class Stage1TrainConfig(TrainConfig):
     """The ``train`` section of stage 1: the shared keys plus the discriminator's and the image layout's."""
 
-    disc_lr: Optional[float] = opt(None, "discriminator learning rate (default: lr)")
-    channels_last: bool = opt(True, "channels_last memory format on CUDA, and on the CPU under train.compile")
-    init_from: Optional[str] = opt(
+    disc_lr: Optional[float] = option(None, "discriminator learning rate (default: lr)")
+    channels_last: bool = option(True, "channels_last memory format on CUDA, and on the CPU under train.compile")
+    init_from: Optional[str] = option(
         None, "start a new run from the weights of this stage-1 checkpoint (autoencoder and discriminator, e.g. "
               "one made by generate.py import-taming); optimizers, step and RNG start fresh, and the model and "
               "disc sections must match its shapes (else an error lists the differences)")

@@ -62,10 +62,15 @@ class Decoder(nn.Module):
                 if len(stage.attn):
                     h = stage.attn[i](h)
             h = stage.upsample(h)
-        return self.last_layer(F.silu(self.norm_out(h)))
+        return self.apply_conv_out(F.silu(self.norm_out(h)))
+
+    @property
+    def last_layer_weight(self) -> torch.Tensor:
+        """Weight of the final convolution (where the adaptive GAN weight is measured)."""
+        return self.conv_out.weight
 
     @torch.compiler.disable
-    def last_layer(self, h: torch.Tensor) -> torch.Tensor:
+    def apply_conv_out(self, h: torch.Tensor) -> torch.Tensor:
         """``conv_out``, kept out of ``torch.compile`` graphs: the adaptive GAN weight asks for the
         gradient at this layer's weight alone, which outside a compiled graph costs one small
         convolution backward instead of a run of the whole compiled backward."""

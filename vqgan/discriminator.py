@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from utils.config import opt
+from utils.config import option
 from vqgan.layers import group_norm
 
 KERNEL = 4
@@ -41,9 +41,9 @@ def logit_map_size(size: int, n_layers: int) -> int:
 class DiscriminatorConfig:
     """The ``disc`` config section."""
 
-    n_layers: int = opt(3, "PatchGAN depth (strided conv layers)")
-    ndf: int = opt(64, "filters of the first discriminator layer")
-    norm: Literal["batch", "group", "none"] = opt("batch", "normalisation inside the discriminator")
+    n_layers: int = option(3, "PatchGAN depth (strided conv layers)")
+    ndf: int = option(64, "filters of the first discriminator layer")
+    norm: Literal["batch", "group", "none"] = option("batch", "normalisation inside the discriminator")
 
 
 class Discriminator(nn.Module):

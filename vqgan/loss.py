@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.config import opt
+from utils.config import option
 from vqgan.lpips import LPIPS
 
 ADAPTIVE_EPS = 1e-4
@@ -86,20 +86,22 @@ def _no_param_grads(module: nn.Module) -> Iterator[None]:
 class LossConfig:
     """The ``loss`` config section."""
 
-    rec_loss: Literal["l1", "l2"] = opt("l1", "pixel reconstruction loss")
-    rec_weight: float = opt(1.0, "weight of the pixel reconstruction loss")
-    perceptual_weight: float = opt(1.0, "weight of the LPIPS loss (0 = off; needs VGG16 + LPIPS weights)")
-    codebook_weight: float = opt(1.0, "weight of the codebook + commitment loss")
-    disc_start: int = opt(10000, "step at which the GAN loss starts")
-    disc_weight: float = opt(0.8, "weight of the generator (GAN) loss")
-    disc_loss: Literal["hinge", "vanilla"] = opt("hinge", "discriminator / generator loss form")
-    adaptive_weight: bool = opt(True, "scale the GAN loss by ||grad rec|| / ||grad gan|| at the decoder's last layer")
-    adaptive_weight_max: float = opt(1e4, "clamp of the adaptive weight")
-    disc_warmup_steps: int = opt(0, "ramp the GAN weight linearly from 0 over this many steps after disc_start")
-    lecam_weight: float = opt(0.0, "LeCam regularisation of the discriminator (0 = off)")
-    lecam_decay: float = opt(0.999, "EMA decay of the LeCam anchors")
-    lpips_vgg_path: Optional[str] = opt(None, "VGG16 ImageNet weights file (default: torchvision cache)")
-    lpips_heads_path: Optional[str] = opt(None, "LPIPS linear-head weights vgg.pth (default: from the lpips package)")
+    rec_loss: Literal["l1", "l2"] = option("l1", "pixel reconstruction loss")
+    rec_weight: float = option(1.0, "weight of the pixel reconstruction loss")
+    perceptual_weight: float = option(1.0, "weight of the LPIPS loss (0 = off; needs VGG16 + LPIPS weights)")
+    codebook_weight: float = option(1.0, "weight of the codebook + commitment loss")
+    disc_start: int = option(10000, "step at which the GAN loss starts")
+    disc_weight: float = option(0.8, "weight of the generator (GAN) loss")
+    disc_loss: Literal["hinge", "vanilla"] = option("hinge", "discriminator / generator loss form")
+    adaptive_weight: bool = option(True,
+                                   "scale the GAN loss by ||grad rec|| / ||grad gan|| at the decoder's last layer")
+    adaptive_weight_max: float = option(1e4, "clamp of the adaptive weight")
+    disc_warmup_steps: int = option(0, "ramp the GAN weight linearly from 0 over this many steps after disc_start")
+    lecam_weight: float = option(0.0, "LeCam regularisation of the discriminator (0 = off)")
+    lecam_decay: float = option(0.999, "EMA decay of the LeCam anchors")
+    lpips_vgg_path: Optional[str] = option(None, "VGG16 ImageNet weights file (default: torchvision cache)")
+    lpips_heads_path: Optional[str] = option(None,
+                                             "LPIPS linear-head weights vgg.pth (default: from the lpips package)")
 
 
 class LeCamAnchors(nn.Module):
@@ -187,11 +189,11 @@ class VQGANLoss(nn.Module):
         last_layer: torch.Tensor,
         step: int,
         scale: float = 1.0,
-    ) -> dict[str, torch.Tensor | float]:
+    ) -> dict[str, torch.Tensor]:
         """Backpropagate ``scale`` * autoencoder loss into the autoencoder; return the terms.
 
-        The terms are float64 0-d tensors on the device (read them with ``float()`` when they are
-        logged, not every step: on CUDA a read waits for the GPU); ``gan_factor`` is a float.
+        The terms, ``gan_factor`` included, are float64 0-d tensors on the device (read them with
+        ``float()`` when they are logged, not every step: on CUDA a read waits for the GPU).
 
         ``last_layer`` is the weight of the decoder's final convolution. The discriminator runs only
         when ``gan_factor(step) > 0`` and its parameters receive no gradients (pass the bare module,
@@ -213,7 +215,7 @@ class VQGANLoss(nn.Module):
         terms = (rec, perceptual, codebook_loss, g_loss, weight)
         # fp32 values, combined in float64 as Python floats would be.
         values = torch.stack([t.detach().float() for t in terms]).double().unbind()
-        logs: dict[str, torch.Tensor | float] = dict(zip(("rec_loss", "p_loss", "codebook_loss", "g_loss",
+        logs: dict[str, torch.Tensor] = dict(zip(("rec_loss", "p_loss", "codebook_loss", "g_loss",
                                                           "d_weight"), values))
         logs["total"] = (
             self.rec_weight * logs["rec_loss"]
@@ -221,7 +223,7 @@ class VQGANLoss(nn.Module):
             + self.codebook_weight * logs["codebook_loss"]
             + logs["d_weight"] * factor * logs["g_loss"]
         )
-        logs["gan_factor"] = factor
+        logs["gan_factor"] = values[0].new_full((), factor)
         return logs
 
     def _backward(

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from utils.checkpoint import CheckpointError, load_state_dict_checked
-from utils.config import opt
+from utils.config import option
 from vqgan.decoder import Decoder
 from vqgan.encoder import Encoder
 from vqgan.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer
@@ -21,12 +21,12 @@ class VQGANConfig(QuantizerConfig):
     """The ``model`` config section: the codebook options of :class:`QuantizerConfig` plus the
     encoder/decoder architecture (image size and channels come from the data)."""
 
-    ch: int = opt(64, "base channel count of encoder and decoder")
-    ch_mult: tuple[int, ...] = opt((1, 2, 2), "channel multiplier per level; downsample factor = 2**(len-1)")
-    num_res_blocks: int = opt(1, "ResNet blocks per encoder level (decoder uses one more)")
-    attn_resolutions: tuple[int, ...] = opt((8,), "feature-map sizes that get self-attention")
-    z_channels: int = opt(64, "channels of the encoder output / decoder input")
-    dropout: float = opt(0.0, "dropout inside ResNet blocks")
+    ch: int = option(64, "base channel count of encoder and decoder")
+    ch_mult: tuple[int, ...] = option((1, 2, 2), "channel multiplier per level; downsample factor = 2**(len-1)")
+    num_res_blocks: int = option(1, "ResNet blocks per encoder level (decoder uses one more)")
+    attn_resolutions: tuple[int, ...] = option((8,), "feature-map sizes that get self-attention")
+    z_channels: int = option(64, "channels of the encoder output / decoder input")
+    dropout: float = option(0.0, "dropout inside ResNet blocks")
 
 
 class VQGANOutput(NamedTuple):
@@ -110,9 +110,9 @@ class VQGAN(nn.Module):
         return self.quantizer.codebook_size
 
     @property
-    def last_layer(self) -> torch.Tensor:
+    def last_layer_weight(self) -> torch.Tensor:
         """Weight of the decoder's final convolution (where the adaptive GAN weight is measured)."""
-        return self.decoder.conv_out.weight
+        return self.decoder.last_layer_weight
 
     def encode(self, x: torch.Tensor) -> QuantizerOutput:
         """Images [B, C, H, W] in [-1, 1] -> quantizer output (z_q [B, embed_dim, h, w], loss, indices)."""

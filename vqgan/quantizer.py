@@ -9,7 +9,7 @@ A training forward only accumulates this step's code counts; :meth:`VectorQuanti
 once per optimizer step after its backward passes (the stage-1 step does), moves them into the usage
 window and restarts dead codes. With gradient accumulation the window and ``dead_code_steps``
 therefore count optimizer steps, not micro-batches. Nothing in a training forward or in ``end_step``
-reads a value on the host on CUDA (see ``sync_free``), so a training step never waits for the GPU.
+reads a value on the host, so a training step never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from utils.config import opt
-from utils.device import reads_stall
+from utils.config import option
 
 
 class QuantizerOutput(NamedTuple):
@@ -42,17 +41,17 @@ class QuantizerOutput(NamedTuple):
 class QuantizerConfig:
     """The codebook options of the ``model`` config section (:class:`vqgan.model.VQGANConfig` extends it)."""
 
-    codebook_size: int = opt(512, "number of codes in the codebook")
-    embed_dim: int = opt(64, "dimension of a code vector (1x1 convs map z_channels to it and back)")
-    codebook_dim: Optional[int] = opt(None, "if set, look codes up in this lower dimension (factorised codes)")
-    l2_norm: bool = opt(False, "cosine-similarity lookup on l2-normalised vectors")
-    beta: float = opt(0.25, "commitment weight on the encoder term ||z - sg(z_q)||^2")
-    ema: bool = opt(False, "update codes by exponential moving averages instead of gradients")
-    ema_decay: float = opt(0.99, "decay of the EMA codebook update")
-    ema_eps: float = opt(1e-5, "Laplace smoothing of EMA cluster sizes")
-    dead_code_steps: int = opt(0, "re-seed codes unused for this many optimizer steps from recent encoder "
+    codebook_size: int = option(512, "number of codes in the codebook")
+    embed_dim: int = option(64, "dimension of a code vector (1x1 convs map z_channels to it and back)")
+    codebook_dim: Optional[int] = option(None, "if set, look codes up in this lower dimension (factorised codes)")
+    l2_norm: bool = option(False, "cosine-similarity lookup on l2-normalised vectors")
+    beta: float = option(0.25, "commitment weight on the encoder term ||z - sg(z_q)||^2")
+    ema: bool = option(False, "update codes by exponential moving averages instead of gradients")
+    ema_decay: float = option(0.99, "decay of the EMA codebook update")
+    ema_eps: float = option(1e-5, "Laplace smoothing of EMA cluster sizes")
+    dead_code_steps: int = option(0, "re-seed codes unused for this many optimizer steps from recent encoder "
                                   "outputs (0 = off)")
-    usage_window: int = opt(100, "optimizer steps of indices kept for the codebook-usage statistic")
+    usage_window: int = option(100, "optimizer steps of indices kept for the codebook-usage statistic")
 
 
 def code_statistics(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,14 +63,9 @@ def code_statistics(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = counts.detach().double().flatten()
     total = counts.sum()
     used = counts > 0
-    if reads_stall(counts.device):
-        # Selecting the used codes would wait for the device to count them: mask instead (the same
-        # terms, summed in another order).
-        probs = counts / total
-        terms = torch.where(used, probs * probs.log(), 0.0)
-    else:
-        probs = counts[used] / total
-        terms = probs * probs.log()
+    probs = counts / total
+    # Unused codes are masked, not selected: selecting would wait for the device to count them.
+    terms = torch.where(used, probs * probs.log(), 0.0)
     return used.double().mean(), torch.where(total > 0, (-terms.sum()).exp(), 0.0)
 
 
@@ -211,14 +205,11 @@ class VectorQuantizer(nn.Module):
         self.recent_vectors = flat
 
     @torch.no_grad()
-    def end_step(self, sync_free: bool | None = None) -> None:
+    def end_step(self) -> None:
         """Close one optimizer step: its code counts (summed over micro-batches and ranks) enter the
         usage window, and codes unused for ``dead_code_steps`` steps are re-seeded from the latest
         encoder outputs. Call it once per optimizer step, after the step's backward passes and before
         ``optimizer.step()`` (restarted codes then take the update as they always did).
-
-        ``sync_free`` (default: on devices other than the CPU) re-seeds dead codes without counting
-        them on the host; see :meth:`_restart_dead_codes`.
         """
         counts = _all_reduce_sum(self.step_counts.clone())
         self.step_counts.zero_()
@@ -227,8 +218,7 @@ class VectorQuantizer(nn.Module):
         self.usage_steps += 1
         self.steps_since_used.add_(1).masked_fill_(counts > 0, 0)
         if self.dead_code_steps > 0 and self.recent_vectors is not None:
-            sync_free = reads_stall(counts.device) if sync_free is None else sync_free
-            self._restart_dead_codes(self.recent_vectors, sync_free)
+            self._restart_dead_codes(self.recent_vectors)
         self.recent_vectors = None
 
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
@@ -245,33 +235,20 @@ class VectorQuantizer(nn.Module):
         smoothed = (self.ema_cluster_size + self.ema_eps) / (total + self.codebook_size * self.ema_eps) * total
         self.codebook.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
 
-    def _restart_dead_codes(self, flat: torch.Tensor, sync_free: bool) -> None:
+    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
         """Re-seed codes unused for ``dead_code_steps`` steps with random vectors of this batch.
 
-        The host way counts the dead codes and draws one vector for each. The ``sync_free`` way draws a
-        vector for every code and keeps it only where the code is dead, so the count is never read
-        (it draws from the random generator differently, which is why the CPU keeps the host way).
+        A vector is drawn for every code and kept only where the code is dead, so the number of dead
+        codes is never read on the host and the random draws are the same on every device.
         """
         dead = self.steps_since_used >= self.dead_code_steps
-        if sync_free:
-            picks = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
-            seeds = flat.index_select(0, picks).to(self.codebook.dtype)
-            if _distributed():
-                dist.broadcast(seeds, src=0)
-            self.codebook.data.copy_(torch.where(dead.unsqueeze(1), seeds, self.codebook.data))
-            if self.ema:
-                self.ema_embed_sum.copy_(torch.where(dead.unsqueeze(1), seeds, self.ema_embed_sum))
-        else:
-            num_dead = int(dead.sum())
-            if num_dead == 0:
-                return
-            picks = torch.randint(0, flat.shape[0], (num_dead,), device=flat.device)
-            seeds = flat[picks].to(self.codebook.dtype).contiguous()
-            if _distributed():
-                dist.broadcast(seeds, src=0)
-            self.codebook.data[dead] = seeds
-            if self.ema:
-                self.ema_embed_sum[dead] = seeds
+        picks = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
+        seeds = flat.index_select(0, picks).to(self.codebook.dtype)
+        if _distributed():
+            dist.broadcast(seeds, src=0)
+        self.codebook.data.copy_(torch.where(dead.unsqueeze(1), seeds, self.codebook.data))
+        if self.ema:
+            self.ema_embed_sum.copy_(torch.where(dead.unsqueeze(1), seeds, self.ema_embed_sum))
         self.steps_since_used.masked_fill_(dead, 0)
         if self.ema:
             self.ema_cluster_size.masked_fill_(dead, 1.0)
