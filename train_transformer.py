@@ -3,15 +3,19 @@
     python train_transformer.py --config configs/quickstart_transformer.yaml \\
         --vqgan runs/quickstart/checkpoints/last.pt [--run-dir DIR] [--resume] [key=value ...]
 
-The training images are tokenised once by the frozen VQGAN and cached in ``.cache/tokens/``
-(keyed by the stage-1 checkpoint and the data config); training then reads only the cache. Then a
-loop calls :func:`transformer.training.stage2_step` once per optimizer step and logs, samples,
-checkpoints and stops on a signal through the small helpers below.
+The training images are tokenised once by the frozen VQGAN and cached (keyed by the stage-1 checkpoint
+and the data config); training then reads only the cache. The cache lives in ``--token-cache`` (default:
+``$VQGAN_TOKEN_CACHE``, else ``$XDG_CACHE_HOME/vqgan/tokens``, else ``~/.cache/vqgan/tokens``): a
+per-user folder that does not depend on the current directory, so every run of the same data reuses it.
+Under torchrun the first process of each node fills its node's cache and the others read it, so nodes
+need not share a disk. Then a loop calls :func:`transformer.training.stage2_step` once per optimizer
+step and logs, samples, checkpoints and stops on a signal through the small helpers below.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -32,9 +36,9 @@ from utils.checkpoint import (
 )
 from utils.config import ConfigError, DataConfig, building, save_config, to_dict
 from utils.device import autocast_dtype, configure_backends, describe_environment, resolve_device
-from utils.distributed import DistInfo, barrier, wrap_ddp
+from utils.distributed import DistInfo, on_every_rank, wrap_ddp
 from utils.logging import TrainingLog
-from utils.loop import BadStepTracker, StopSignal, is_due
+from utils.loop import BadStepTracker, StopSignal, check_replicas, is_due
 from utils.pictures import class_rows, plot_training_curves, save_grid
 from utils.run_dir import RunDirError, prepare_run
 from utils.script import run_training, training_parser
@@ -44,12 +48,21 @@ from vqgan import VQGAN
 KIND = "transformer"
 METRIC_COLUMNS = ["lr", "loss", "bits_per_token", "grad_norm", "items_per_s", "bad_steps"]
 PLOT_GROUPS = {"prior": ["loss", "bits_per_token", "lr"]}
-TOKEN_CACHE = Path(".cache") / "tokens"
+
+
+def default_token_cache() -> Path:
+    """``$VQGAN_TOKEN_CACHE``, else ``$XDG_CACHE_HOME/vqgan/tokens``, else ``~/.cache/vqgan/tokens``."""
+    if os.environ.get("VQGAN_TOKEN_CACHE"):
+        return Path(os.environ["VQGAN_TOKEN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vqgan" / "tokens"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = training_parser(__doc__, Stage2Config)
     parser.add_argument("--vqgan", required=True, help="stage-1 checkpoint (runs/<name>/checkpoints/last.pt)")
+    parser.add_argument("--token-cache", default=None,
+                        help="folder for the tokenised training set (default: $VQGAN_TOKEN_CACHE, else "
+                             "$XDG_CACHE_HOME/vqgan/tokens, else ~/.cache/vqgan/tokens)")
     run_training(parser, Stage2Config, train, argv, user_errors=(DataError,))
 
 
@@ -58,15 +71,16 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
     configure_backends(device)
     config_dict = to_dict(cfg)
     resume_state = prepare_run(run_dir, config_dict, resume=args.resume, force=args.force, kind=KIND, info=info)
-    vqgan_state = load_checkpoint(args.vqgan, kind="vqgan")
-    vqgan = VQGAN.from_checkpoint(vqgan_state, args.vqgan).to(device)
-    check_stage1_matches(cfg, vqgan_state, args.vqgan)
-    if resume_state is not None and not args.force:
-        check_same_vqgan(resume_state, vqgan, args.vqgan)
-    tokens = tokenize(vqgan, cfg, args.vqgan, device) if info.is_main else None
-    barrier()  # rank 0 writes the cache; the others then read it
-    if tokens is None:
-        tokens = tokenize(vqgan, cfg, args.vqgan, device)
+    cache = Path(args.token_cache) if args.token_cache else default_token_cache()
+    with on_every_rank(info):  # every node needs the stage-1 checkpoint and the data
+        vqgan_state = load_checkpoint(args.vqgan, kind="vqgan")
+        vqgan = VQGAN.from_checkpoint(vqgan_state, args.vqgan).to(device)
+        check_stage1_matches(cfg, vqgan_state, args.vqgan)
+        if resume_state is not None and not args.force:
+            check_same_vqgan(resume_state, vqgan, args.vqgan)
+        tokens = tokenize(vqgan, cfg, args.vqgan, device, cache) if info.local_rank == 0 else None
+    if tokens is None:  # the node's first process has written the cache
+        tokens = tokenize(vqgan, cfg, args.vqgan, device, cache)
     indices, labels = tokens["indices"].long(), tokens["labels"].long()
     num_classes = int(tokens["num_classes"])
     if cfg.transformer.class_conditional and num_classes < 2:
@@ -135,28 +149,30 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
             if stop.requested(info, device):
                 checkpoint(step, now=True)
                 stop.exit(info, last_checkpoint, step)
+    check_replicas(prior.gpt, info)
     log.finish(device, last_checkpoint)
 
 
-def tokenize(vqgan: VQGAN, cfg: Stage2Config, vqgan_path: str, device: torch.device) -> dict:
-    """The training split's code indices, from ``.cache/tokens/`` when this checkpoint and data were seen before."""
+def tokenize(vqgan: VQGAN, cfg: Stage2Config, vqgan_path: str, device: torch.device, cache: Path) -> dict:
+    """The training split's code indices, from the ``cache`` folder when this checkpoint and data were seen
+    before."""
 
     def training_images() -> tuple[Dataset, int]:
         dataset = build_dataset(cfg.data, "train", augment=False)
         return dataset, num_classes_of(dataset)
 
-    return tokenize_dataset(vqgan, training_images, token_cache_path(vqgan_path, cfg.data, "train"), device,
-                            num_workers=cfg.data.num_workers, loader_class=CheckedLoader)
+    return tokenize_dataset(vqgan, training_images, cache / token_cache_name(vqgan_path, cfg.data, "train"),
+                            device, num_workers=cfg.data.num_workers, loader_class=CheckedLoader)
 
 
-def token_cache_path(vqgan_path: str | Path, data: DataConfig, split: str) -> Path:
-    """Where the tokens of ``split`` live: named by the stage-1 checkpoint, the data settings that change images
+def token_cache_name(vqgan_path: str | Path, data: DataConfig, split: str) -> str:
+    """The cache file of ``split``'s tokens: named by the stage-1 checkpoint, the data settings that change images
     and, for an image folder, the names, sizes and modification times of its files (so edited images are
     tokenised again)."""
     settings = {k: v for k, v in to_dict(data).items() if k not in ("num_workers", "random_flip")}
     if data.name == "folder" and Path(data.root).is_dir():
         settings["files"] = folder_fingerprint(data.root)
-    return TOKEN_CACHE / f"{data.name}_{split}_{cache_key(vqgan_path, {'data': settings, 'split': split})}.pt"
+    return f"{data.name}_{split}_{cache_key(vqgan_path, {'data': settings, 'split': split})}.pt"
 
 
 def to_device(batch: list[torch.Tensor], class_conditional: bool,

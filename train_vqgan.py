@@ -27,9 +27,9 @@ from utils.checkpoint import (
 )
 from utils.config import config_diff, save_config, to_dict
 from utils.device import autocast_dtype, configure_backends, conv_memory_format, describe_environment, resolve_device
-from utils.distributed import DistInfo, wrap_ddp
+from utils.distributed import DistInfo, on_every_rank, wrap_ddp
 from utils.logging import TrainingLog
-from utils.loop import BadStepTracker, StopSignal, is_due
+from utils.loop import BadStepTracker, StopSignal, check_replicas, is_due
 from utils.pictures import plot_training_curves, save_reconstruction_grid
 from utils.run_dir import prepare_run
 from utils.script import run_training, training_parser
@@ -61,10 +61,11 @@ def train(cfg: Stage1Config, run_dir: Path, args: argparse.Namespace, info: Dist
     config_dict = to_dict(cfg)
     resume_state = prepare_run(run_dir, config_dict, resume=args.resume, force=args.force, kind=KIND, info=info)
     set_seed(cfg.train.seed)  # the same initial weights and codebook on every rank
-    train_set, eval_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
-    model, disc, loss_fn = build_stage1(cfg)
-    if cfg.train.init_from and resume_state is None:  # a new run from trained weights; --resume ignores it
-        init_from_checkpoint(cfg.train.init_from, model, disc, cfg, verbose=info.is_main)
+    with on_every_rank(info):  # every node needs the data (and the init_from checkpoint)
+        train_set, eval_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
+        model, disc, loss_fn = build_stage1(cfg)
+        if cfg.train.init_from and resume_state is None:  # a new run from trained weights; --resume ignores it
+            init_from_checkpoint(cfg.train.init_from, model, disc, cfg, verbose=info.is_main)
     set_seed(cfg.train.seed + info.rank)
     memory_format = conv_memory_format(device, cfg.train.channels_last, cfg.train.compile)
     model.to(device, memory_format=memory_format)
@@ -132,6 +133,7 @@ def train(cfg: Stage1Config, run_dir: Path, args: argparse.Namespace, info: Dist
             if stop.requested(info, device):
                 checkpoint(step + 1, now=True)
                 stop.exit(info, last_checkpoint, step + 1)
+    check_replicas(model, info)
     log.finish(device, last_checkpoint)
 
 

@@ -15,6 +15,15 @@ TINY_VQGAN = VQGANConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolution
 TINY_DISC = DiscriminatorConfig(ndf=8, n_layers=2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def token_cache_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Stage-2 token caches of the tests (and of the scripts they start) go to a temporary folder, never to the
+    user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VQGAN_TOKEN_CACHE", str(tmp_path_factory.mktemp("token_cache")))
+        yield
+
+
 @dataclass
 class LPIPSFiles:
     vgg: Path

@@ -40,7 +40,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     """A 4-step stage-1 run, and a class-conditional and an unconditional 4-step prior on it."""
     folder = tmp_path_factory.mktemp("generate_ckpts")
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)  # the token cache goes to .cache/tokens under the working folder
+        patch.chdir(folder)
         train_vqgan.main(["--config", str(write_config(folder, "vqgan", STAGE1)), "--run-dir", "s1",
                           "train.max_steps=4"])
         stage1 = folder / "s1" / "checkpoints" / "last.pt"

@@ -149,7 +149,7 @@ def test_readme_commands_run(workdir):
             script = command[command.index("--config") - 1]
             assert (REPO / script).is_file()
             config = command[command.index("--config") + 1]
-            load_config(Stage1Config, REPO / config)
+            load_config(Stage2Config if script == "train_transformer.py" else Stage1Config, REPO / config)
             continue
         if command[:2] == ["python", "-m"]:
             result = subprocess.run(_quick_module(command, workdir), cwd=workdir,

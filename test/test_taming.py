@@ -211,7 +211,7 @@ def test_fine_tuning_starts_from_the_converted_weights(with_vgg: Path, tmp_path:
 
 def test_the_converted_checkpoint_trains_a_prior(converted: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)  # the token cache goes to .cache/tokens under the working folder
+    monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, "prior", {**STAGE2, "data": TINY_STAGE1["data"],
                                               "train": {**STAGE2["train"], "max_steps": 2}})
     train_transformer.main(["--config", str(config), "--vqgan", str(converted), "--run-dir", "prior"])

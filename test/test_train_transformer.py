@@ -30,8 +30,9 @@ def stage1(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Run in a fresh folder so that the token cache (.cache/tokens) starts empty."""
+    """Run in a fresh folder, with an empty token cache in its ``token-cache`` folder."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VQGAN_TOKEN_CACHE", str(tmp_path / "token-cache"))
     return tmp_path
 
 
@@ -71,7 +72,7 @@ def test_tiny_run_writes_artefacts_and_reuses_the_token_cache(config: Path, work
     prior, _ = generate.load_prior(str(run / "checkpoints" / "last.pt"), torch.device("cpu"))
     assert prior.class_conditional
 
-    caches = list((workdir / ".cache" / "tokens").iterdir())
+    caches = list((workdir / "token-cache").iterdir())
     assert len(caches) == 1
     tokens = torch.load(caches[0], weights_only=True)
     assert tokens["indices"].shape == (64, 64) and int(tokens["num_classes"]) == 10
@@ -81,7 +82,19 @@ def test_tiny_run_writes_artefacts_and_reuses_the_token_cache(config: Path, work
 
     monkeypatch.setattr(train_transformer, "build_dataset", no_tokenising)
     train(config, workdir / "second", stage1, "train.max_steps=1")
-    assert list((workdir / ".cache" / "tokens").iterdir()) == caches
+    assert list((workdir / "token-cache").iterdir()) == caches
+
+
+def test_token_cache_folder_by_flag_and_environment(config: Path, workdir: Path, stage1: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    train(config, workdir / "run", stage1, "train.max_steps=1", "--token-cache", str(workdir / "mine"))
+    assert len(list((workdir / "mine").glob("builtin_train_*.pt"))) == 1 and not (workdir / "token-cache").exists()
+    monkeypatch.delenv("VQGAN_TOKEN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(workdir / "xdg"))
+    assert train_transformer.default_token_cache() == workdir / "xdg" / "vqgan" / "tokens"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(workdir / "home"))
+    assert train_transformer.default_token_cache() == workdir / "home" / ".cache" / "vqgan" / "tokens"
 
 
 def test_weight_ema_is_kept_saved_and_used_for_sampling(config: Path, workdir: Path, stage1: Path) -> None:
@@ -96,7 +109,7 @@ def test_weight_ema_is_kept_saved_and_used_for_sampling(config: Path, workdir: P
 
 
 def test_cache_key_follows_the_checkpoint_and_the_images(stage1: Path, tmp_path: Path) -> None:
-    cache_path = train_transformer.token_cache_path
+    cache_path = train_transformer.token_cache_name
     data = DataConfig(name="builtin", image_size=16, num_samples=64)
     key = cache_path(stage1, data, "train")
     other = tmp_path / "other.pt"

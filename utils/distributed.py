@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -87,6 +91,56 @@ def shutdown_distributed() -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def on_every_rank(info: DistInfo) -> Iterator[None]:
+    """Run the body on every rank, then make a failure on any rank a failure on all of them.
+
+    Without it a rank whose input is missing (a checkpoint or data folder that exists on one node only)
+    would fail alone while the others wait in the next collective until the timeout. The failing rank
+    raises its own error; every other rank raises :class:`DistributedSetupError` naming the rank, its host
+    and its message. The closing exchange is also a barrier.
+    """
+    if not info.enabled:
+        yield
+        return
+    failure: BaseException | None = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks have been told
+        failure = err
+    mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+    reports: list[Any] = [None] * info.world_size
+    dist.all_gather_object(reports, (socket.gethostname(), mine))
+    if failure is not None:
+        raise failure
+    failed = [(rank, host, message) for rank, (host, message) in enumerate(reports) if message is not None]
+    if failed:
+        rank, host, message = failed[0]
+        raise DistributedSetupError(f"rank {rank} on host {host} stopped before training: {message}")
+
+
+def broadcast_from_main(value: Any, info: DistInfo) -> Any:
+    """Rank 0's ``value`` on every rank (pickled through the process group, so no shared disk is needed)."""
+    if not info.enabled:
+        return value
+    holder = [value if info.is_main else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def replicas_agree(module: torch.nn.Module, info: DistInfo) -> bool:
+    """Whether ``module``'s parameters and buffers are bit-identical on every rank (True without DDP)."""
+    if not info.enabled:
+        return True
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digests: list[Any] = [None] * info.world_size
+    dist.all_gather_object(digests, digest.hexdigest())
+    return len(set(digests)) == 1
 
 
 def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device,

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from utils.device import peak_memory_mb
-from utils.distributed import DistInfo
+from utils.distributed import DistInfo, replicas_agree
 
 
 class TrainingStopped(RuntimeError):
@@ -117,6 +117,18 @@ def _saved_step(path: Path) -> int | None:
         return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
     except Exception:  # noqa: BLE001 - a missing or unreadable file just means "no checkpoint to point at"
         return None
+
+
+def check_replicas(module: torch.nn.Module, info: DistInfo) -> None:
+    """Under DDP, say on rank 0 whether every process ended with the same weights (they must: a difference means
+    the processes trained different models)."""
+    if not info.enabled:
+        return
+    agree = replicas_agree(module, info)
+    if info.is_main:
+        tqdm.write(f"weights identical on all {info.world_size} processes" if agree else
+                   f"warning: the weights differ between the {info.world_size} processes: they did not train one "
+                   f"model. Only rank 0's are saved.", file=sys.stdout if agree else sys.stderr)
 
 
 def finish_message(steps: int, seconds: float, device: torch.device, checkpoint: Path) -> str:

@@ -30,11 +30,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch.distributed as dist
-
 from utils.checkpoint import CheckpointError, UnreadableCheckpointError, load_checkpoint, remove_stale_temp_files
 from utils.config import config_diff
-from utils.distributed import DistInfo
+from utils.distributed import DistInfo, broadcast_from_main, on_every_rank
 from utils.training import lr_factor
 
 RESUMABLE_CHANGES = {
@@ -179,15 +177,11 @@ def _load_last(last: Path, kind: str) -> dict[str, Any]:
 
 def prepare_run(run_dir: Path, config: dict[str, Any], *, resume: bool, force: bool, kind: str,
                 info: DistInfo) -> dict[str, Any] | None:
-    """:func:`prepare_run_dir` on rank 0; the other ranks then load the checkpoint rank 0 chose."""
-    state = prepare_run_dir(run_dir, config, resume=resume, force=force, kind=kind) if info.is_main else None
-    if not info.enabled:
-        return state
-    flag = [state is not None]
-    dist.broadcast_object_list(flag, src=0)
-    if info.is_main or not flag[0]:
-        return state
-    return load_checkpoint(run_dir / "checkpoints" / "last.pt", kind=kind, resume=True)
+    """:func:`prepare_run_dir` on rank 0, whose checkpoint to resume from (or None) is then sent to every rank:
+    the other ranks, on this node or another one, need no copy of the run folder."""
+    with on_every_rank(info):
+        state = prepare_run_dir(run_dir, config, resume=resume, force=force, kind=kind) if info.is_main else None
+    return broadcast_from_main(state, info)
 
 
 def remove_previous_run(run_dir: Path) -> None:
