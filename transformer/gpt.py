@@ -22,20 +22,21 @@ from torch import nn
 Positions = Literal["learned", "rotary"]
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Keys and values of every layer for a batch, preallocated for ``max_len`` positions.
 
-    ``keys`` and ``values`` are buffers of shape [n_layer, B, n_head, max_len, head_dim] (keys after the
-    rotary rotation, if any); ``length`` counts the positions :meth:`GPT.forward_with_cache` has written.
-    The shapes never change, so a compiled decoding step runs on the same buffers every time.
+    ``keys[layer]`` and ``values[layer]`` are tensors of shape [B, n_head, max_len, head_dim] (keys after the
+    rotary rotation, if any), one pair per layer: a write into one layer's tensor then stays a write in
+    place under ``torch.compile``, where slices of one tensor for all layers made the compiled step copy the
+    whole cache every token. ``length`` counts the positions :meth:`GPT.forward_with_cache` has written.
+    The shapes never change, so a compiled decoding step runs on the same tensors every time.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.register_buffer("keys", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("values", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.length = 0
 
@@ -43,9 +44,10 @@ class KVCache(nn.Module):
               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k``, ``v`` [B, n_head, t, head_dim] at ``positions`` [t] of ``layer``; all keys and values
         of the layer (every ``max_len`` position: the caller masks those not yet written)."""
-        self.keys[layer].index_copy_(2, positions, k)
-        self.values[layer].index_copy_(2, positions, v)
-        return self.keys[layer], self.values[layer]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, positions] = k
+        values[:, :, positions] = v
+        return keys, values
 
 
 class Rotary(nn.Module):
