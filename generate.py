@@ -53,8 +53,8 @@ from utils.pictures import (
     training_curves_picture,
 )
 from utils.script import StrictParser, clean_exit
-from utils.taming_files import import_taming
 from vqgan import LPIPS, VQGAN, LPIPSWeightsError, LPIPSWeightsMismatchError
+from vqgan.taming_import import import_taming
 
 GRID_IMAGES = 64
 GRID_COLUMNS = 8
