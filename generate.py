@@ -36,13 +36,7 @@ from transformer.sampling import SamplingConfig
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, check_number, from_dict
 from utils.evaluation.inception import InceptionWeightsError, load_inception
-from utils.evaluation.reconstruction import (
-    FeatureSet,
-    ReconstructionMetrics,
-    decode_batches,
-    generation_fid,
-    reconstruct_batches,
-)
+from utils.evaluation.metrics import FeatureSet, generation_fid
 from utils.logging import MetricsFileError, read_metrics
 from utils.pictures import (
     prior_samples_picture,
@@ -54,6 +48,7 @@ from utils.pictures import (
 )
 from utils.script import StrictParser, clean_exit
 from vqgan import LPIPS, VQGAN, LPIPSWeightsError, LPIPSWeightsMismatchError
+from vqgan.evaluation import ReconstructionMetrics, decode_batches, reconstruct_batches
 from vqgan.taming_import import import_taming
 
 GRID_IMAGES = 64
