@@ -3,10 +3,19 @@
 A config file has one mapping per section. Each section is a dataclass that lives next to what it
 configures (``model`` is :class:`vqgan.model.VQGANConfig`, ``transformer`` is
 :class:`transformer.prior.PriorConfig`, ...), so every default exists once; the two stage configs
-that group them are :class:`vqgan.config.Stage1Config` and :class:`transformer.config.Stage2Config`.
-This module holds the sections both stages share (``data``, ``train``) and the machinery: YAML and
-``section.key=value`` overrides in, validated dataclasses out. Unknown keys and values of the wrong
-type raise :class:`ConfigError` naming the key and the closest valid one.
+that group them are :class:`vqgan.config.Stage1Config` and :class:`transformer.config.Stage2Config`,
+and each validates its own sections.
+
+This module holds the machinery: YAML and ``section.key=value`` overrides in, dataclasses out
+(:func:`load_config`, :func:`from_dict`), the checks that give every config error its wording
+(:func:`check_value` and friends) and the ``--describe-config`` table (:func:`describe`). Unknown keys
+and values of the wrong type raise :class:`ConfigError` naming the key and the closest valid one.
+
+It also holds the two sections both stages share, ``data`` (:class:`DataConfig`, read by
+``dataloader/``) and ``train`` (:class:`TrainConfig`, read by the scripts and :mod:`utils.training`),
+with their checks (:func:`validate_data_and_train`). They live here, on the ground floor, because the
+stage configs in ``vqgan/`` and ``transformer/`` contain them and those packages never import
+``dataloader/``; this module imports none of the packages.
 """
 
 from __future__ import annotations
