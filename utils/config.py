@@ -13,9 +13,10 @@ and values of the wrong type raise :class:`ConfigError` naming the key and the c
 
 It also holds the two sections both stages share, ``data`` (:class:`DataConfig`, read by
 ``dataloader/``) and ``train`` (:class:`TrainConfig`, read by the scripts and :mod:`utils.training`),
-with their checks (:func:`validate_data_and_train`). They live here, on the ground floor, because the
-stage configs in ``vqgan/`` and ``transformer/`` contain them and those packages never import
-``dataloader/``; this module imports none of the packages.
+with their checks (:func:`validate_data`, which ``dataloader.build_dataset`` calls too, and
+:func:`validate_data_and_train`). They live here, on the ground floor, because the stage configs in
+``vqgan/`` and ``transformer/`` contain them and those packages never import ``dataloader/``; this
+module imports none of the packages.
 """
 
 from __future__ import annotations
@@ -129,12 +130,17 @@ def check_counts(section: str, config: Any, minimum: dict[str, int], example: di
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
-    """Raise ConfigError on impossible values of the sections both stages share."""
+def validate_data(data: DataConfig) -> None:
+    """Raise ConfigError on impossible values of the ``data`` section (also checked when a dataset is built)."""
     check(data.channels in (1, 3), f"data.channels must be 1 or 3, got {data.channels}.")
     check(data.image_size > 0, f"data.image_size must be positive, got {data.image_size}.")
     check_counts("data", data, {"num_workers": 0, "num_samples": 1, "num_classes": 1, "eval_samples": 0},
                  {"num_workers": 2, "num_samples": 20000, "num_classes": 10, "eval_samples": 2000})
+
+
+def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
+    """Raise ConfigError on impossible values of the sections both stages share."""
+    validate_data(data)
     check(train.lr > 0, f"train.lr must be positive, got {train.lr}; typical values are 1e-4 to 5e-4.")
     check(train.max_steps > 0, f"train.max_steps must be positive, got {train.max_steps}.")
     check(train.batch_size > 0, f"train.batch_size must be positive, got {train.batch_size}.")
