@@ -32,29 +32,19 @@ from dataloader import DataError
 from dataloader.inputs import ImageSet, data_config_of, resolve_images
 from transformer import VQGANPrior
 from transformer.config import Stage2Config, check_sampling
+from transformer.pictures import prior_samples_picture
 from transformer.sampling import SamplingConfig
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, check_number, from_dict
 from utils.evaluation.inception import InceptionWeightsError, load_inception
-from utils.evaluation.reconstruction import (
-    FeatureSet,
-    ReconstructionMetrics,
-    decode_batches,
-    generation_fid,
-    reconstruct_batches,
-)
+from utils.evaluation.metrics import FeatureSet, generation_fid
 from utils.logging import MetricsFileError, read_metrics
-from utils.pictures import (
-    prior_samples_picture,
-    save_grid,
-    save_images,
-    save_reconstruction_grid,
-    tokenizer_pictures,
-    training_curves_picture,
-)
+from utils.pictures import save_grid, save_images, save_reconstruction_grid, training_curves_picture
 from utils.script import StrictParser, clean_exit
-from utils.taming_files import import_taming
 from vqgan import LPIPS, VQGAN, LPIPSWeightsError, LPIPSWeightsMismatchError
+from vqgan.evaluation import ReconstructionMetrics, decode_batches, reconstruct_batches
+from vqgan.pictures import tokenizer_pictures
+from vqgan.taming_import import import_taming
 
 GRID_IMAGES = 64
 GRID_COLUMNS = 8

@@ -6,7 +6,7 @@ H = W = ``image_size``, and an int label (0 for datasets without classes).
 
 from torch.utils.data import Dataset, Subset
 
-from utils.config import DataConfig
+from utils.config import DataConfig, validate_data
 
 from .builtin import ShapesDataset
 from .folder import load_folder
@@ -27,10 +27,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
     """
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-    if cfg.channels not in (1, 3):
-        raise ValueError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {cfg.channels}.")
-    if cfg.image_size < 1:
-        raise ValueError(f"data.image_size must be positive, got {cfg.image_size}.")
+    validate_data(cfg)
     if augment is None:
         augment = cfg.random_flip and split == "train"
     if cfg.name == "builtin":

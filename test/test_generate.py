@@ -19,9 +19,9 @@ import train_transformer
 import train_vqgan
 from dataloader import build_dataset
 from dataloader.inputs import data_config_of
-from utils.evaluation.metrics import CodebookStats, FeatureStats, fid_from_stats, psnr, ssim
-from utils.evaluation.reconstruction import FeatureSet, ReconstructionMetrics
+from utils.evaluation.metrics import FeatureSet, FeatureStats, fid_from_stats, psnr, ssim
 from utils.pictures import plot_metrics_overview, save_images
+from vqgan.evaluation import CodebookStats, ReconstructionMetrics
 
 SIZE = 16  # STAGE1 trains on 16x16 RGB images; its test split has 8 of them
 TEST_IMAGES = 8

@@ -24,13 +24,13 @@ from utils.evaluation.inception import (
     tf_bilinear_resize,
 )
 from utils.evaluation.metrics import (
-    CodebookStats,
     FeatureStats,
     fid_from_features,
     frechet_distance,
     psnr,
     ssim,
 )
+from vqgan.evaluation import CodebookStats
 
 
 def textured(n: int, channels: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:

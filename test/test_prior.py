@@ -123,8 +123,6 @@ def test_bad_labels_and_shapes():
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="num_classes"):
         tiny_prior(class_conditional=True)
-    with pytest.raises(ValueError, match="pkeep"):
-        tiny_prior(pkeep=1.5)
     with pytest.raises(ValueError, match="17 codes"):
         tiny_prior(codebook_size=17)
     with pytest.raises(ValueError, match="latents"):

@@ -73,8 +73,6 @@ class VQGANPrior(nn.Module):
         if class_conditional and num_classes < 1:
             raise ValueError("a class-conditional prior needs num_classes >= 1; set it from the dataset "
                              "or set class_conditional=False.")
-        if not 0.0 <= pkeep <= 1.0 or not 0.0 <= class_dropout <= 1.0:
-            raise ValueError(f"pkeep ({pkeep}) and class_dropout ({class_dropout}) must lie in [0, 1].")
         self.vqgan = vqgan.eval().requires_grad_(False)
         self.codebook_size = int(vqgan.codebook_size)
         self.latent_size = (h, w)

@@ -32,6 +32,15 @@ class SamplingConfig:
     compile: bool = option(False, "torch.compile the one-token decoding step (CUDA graphs on CUDA)")
 
 
+def check_filters(top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError for a top-k or top-p the filters cannot apply. Callers' settings are checked (with
+    their config keys or flags) by :func:`transformer.config.check_sampling`; this guards direct calls."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the top ``k`` and outside the nucleus of mass ``p``.
 
@@ -39,16 +48,12 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     smallest set of most likely tokens whose probability sums to at least ``p``; the most likely
     token always survives. ``None`` disables a filter.
     """
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}.")
-        if top_k < logits.shape[-1]:
-            keep = torch.zeros_like(logits, dtype=torch.bool)
-            keep.scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
-            logits = logits.masked_fill(~keep, float("-inf"))
+    check_filters(top_k, top_p)
+    if top_k is not None and top_k < logits.shape[-1]:
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep.scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
@@ -98,10 +103,7 @@ def sample_tokens(gpt: GPT, prefix: torch.Tensor, num_tokens: int, *, temperatur
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}.")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    check_filters(top_k, top_p)
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be at least 1, got {num_tokens}.")
     guided = cfg_scale != 1.0

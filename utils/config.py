@@ -3,10 +3,20 @@
 A config file has one mapping per section. Each section is a dataclass that lives next to what it
 configures (``model`` is :class:`vqgan.model.VQGANConfig`, ``transformer`` is
 :class:`transformer.prior.PriorConfig`, ...), so every default exists once; the two stage configs
-that group them are :class:`vqgan.config.Stage1Config` and :class:`transformer.config.Stage2Config`.
-This module holds the sections both stages share (``data``, ``train``) and the machinery: YAML and
-``section.key=value`` overrides in, validated dataclasses out. Unknown keys and values of the wrong
-type raise :class:`ConfigError` naming the key and the closest valid one.
+that group them are :class:`vqgan.config.Stage1Config` and :class:`transformer.config.Stage2Config`,
+and each validates its own sections.
+
+This module holds the machinery: YAML and ``section.key=value`` overrides in, dataclasses out
+(:func:`load_config`, :func:`from_dict`), the checks that give every config error its wording
+(:func:`check_value` and friends) and the ``--describe-config`` table (:func:`describe`). Unknown keys
+and values of the wrong type raise :class:`ConfigError` naming the key and the closest valid one.
+
+It also holds the two sections both stages share, ``data`` (:class:`DataConfig`, read by
+``dataloader/``) and ``train`` (:class:`TrainConfig`, read by the scripts and :mod:`utils.training`),
+with their checks (:func:`validate_data`, which ``dataloader.build_dataset`` calls too, and
+:func:`validate_data_and_train`). They live here, on the ground floor, because the stage configs in
+``vqgan/`` and ``transformer/`` contain them and those packages never import ``dataloader/``; this
+module imports none of the packages.
 """
 
 from __future__ import annotations
@@ -120,12 +130,17 @@ def check_counts(section: str, config: Any, minimum: dict[str, int], example: di
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
-    """Raise ConfigError on impossible values of the sections both stages share."""
+def validate_data(data: DataConfig) -> None:
+    """Raise ConfigError on impossible values of the ``data`` section (also checked when a dataset is built)."""
     check(data.channels in (1, 3), f"data.channels must be 1 or 3, got {data.channels}.")
     check(data.image_size > 0, f"data.image_size must be positive, got {data.image_size}.")
     check_counts("data", data, {"num_workers": 0, "num_samples": 1, "num_classes": 1, "eval_samples": 0},
                  {"num_workers": 2, "num_samples": 20000, "num_classes": 10, "eval_samples": 2000})
+
+
+def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
+    """Raise ConfigError on impossible values of the sections both stages share."""
+    validate_data(data)
     check(train.lr > 0, f"train.lr must be positive, got {train.lr}; typical values are 1e-4 to 5e-4.")
     check(train.max_steps > 0, f"train.max_steps must be positive, got {train.max_steps}.")
     check(train.batch_size > 0, f"train.batch_size must be positive, got {train.batch_size}.")

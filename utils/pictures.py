@@ -1,19 +1,15 @@
-"""Pictures: image grids and matplotlib plots of training curves and codebook usage, and the pictures
-``generate.py visualize`` draws of a trained tokenizer and prior, written as PNGs into one folder:
+"""Pictures: image grids and matplotlib plots of training curves, code histograms and token maps, as PNGs.
 
-* ``reconstructions.png``: originals (top row) above their reconstructions;
-* ``codebook_usage.png``: how often each code is used over the images, sorted from most used;
-* ``token_maps.png``: images beside their code grids drawn in colour (one colour per code);
-* ``samples_by_class.png``: prior samples, row ``i`` showing class ``i`` (``samples.png`` for an
-  unconditional prior);
-* ``training_curves.png``: every column of a run's ``metrics.csv`` against step.
+``generate.py visualize`` draws with these the pictures of a trained tokenizer
+(:func:`vqgan.pictures.tokenizer_pictures`), of a prior (:func:`transformer.pictures.prior_samples_picture`)
+and ``training_curves.png``: every column of a run's ``metrics.csv`` against step.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
 import matplotlib
 
@@ -24,12 +20,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from utils.logging import read_metrics  # noqa: E402
-from vqgan import VQGAN  # noqa: E402
 
-SHOWN_RECONSTRUCTIONS = 8
-SHOWN_TOKEN_MAPS = 6
 MAX_CLASS_ROWS = 16
-UNCONDITIONAL_ROWS = 4
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -171,39 +163,6 @@ def plot_metrics_overview(metrics_csv: str | Path, path: str | Path, ncols: int 
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return columns
-
-
-def tokenizer_pictures(vqgan: VQGAN, batches: Iterable, device: torch.device, out_dir: Path) -> list[Path]:
-    """Reconstructions, codebook usage (over every image of the (images, labels) ``batches``) and token maps."""
-    counts = torch.zeros(vqgan.codebook_size, dtype=torch.long)
-    shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for images, _ in batches:
-        indices, reconstructions = vqgan.reconstruct(images.to(device))
-        indices, reconstructions = indices.cpu(), reconstructions.float().cpu()
-        counts += torch.bincount(indices.flatten(), minlength=vqgan.codebook_size)
-        if sum(len(part[0]) for part in shown) < max(SHOWN_RECONSTRUCTIONS, SHOWN_TOKEN_MAPS):
-            shown.append((images, indices, reconstructions))
-    images, indices, reconstructions = (torch.cat(parts) for parts in zip(*shown))
-    paths = [out_dir / "reconstructions.png", out_dir / "codebook_usage.png", out_dir / "token_maps.png"]
-    save_reconstruction_grid(images[:SHOWN_RECONSTRUCTIONS], reconstructions[:SHOWN_RECONSTRUCTIONS], paths[0])
-    plot_code_histogram(counts, paths[1])
-    plot_token_maps(images[:SHOWN_TOKEN_MAPS], indices[:SHOWN_TOKEN_MAPS], vqgan.codebook_size, paths[2])
-    return paths
-
-
-def prior_samples_picture(prior: Any, out_dir: Path, per_row: int, generator: torch.Generator,
-                          **sampling: float | int | None) -> Path:
-    """A grid of samples of a :class:`transformer.VQGANPrior`: one row per class (the first
-    ``MAX_CLASS_ROWS`` classes) or a few unconditional rows."""
-    if prior.class_conditional:
-        rows = min(prior.num_classes, MAX_CLASS_ROWS)
-        labels = torch.arange(rows).repeat_interleave(per_row)
-        path = out_dir / "samples_by_class.png"
-    else:
-        rows, labels, path = UNCONDITIONAL_ROWS, None, out_dir / "samples.png"
-    _, images = prior.sample(rows * per_row, labels, generator=generator, **sampling)
-    save_grid(images, path, nrow=per_row)
-    return path
 
 
 def class_rows(num_classes: int, num_images: int) -> tuple[torch.Tensor, int]:

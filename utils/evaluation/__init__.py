@@ -1,2 +1,2 @@
-"""How good a tokenizer or a prior is: PSNR/SSIM/codebook metrics, the Inception network and FID, and
-reconstruction evaluation over whole datasets."""
+"""How good generated or reconstructed images are: PSNR/SSIM, the Inception network and FID. Nothing here
+needs a model of this repository; the reconstruction evaluation of a VQGAN is :mod:`vqgan.evaluation`."""

@@ -1,4 +1,4 @@
-"""Evaluation metrics: PSNR, SSIM, codebook usage and perplexity, Frechet distance and FID.
+"""Evaluation metrics: PSNR, SSIM, Frechet distance and FID (of reconstructions or of generated images).
 
 Images are float tensors [N, C, H, W] in ``value_range`` ((-1, 1) by default, the range the models
 work in). PSNR and SSIM map them to [0, 1] (clamping values outside the range, as saving an image
@@ -9,13 +9,12 @@ gives the standard one.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from vqgan.quantizer import usage_and_perplexity
+from tqdm import tqdm
 
 Reduction = Literal["mean", "none"]
 FeatureNetwork = Callable[[torch.Tensor], torch.Tensor]
@@ -87,46 +86,6 @@ def ssim(
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return _reduce(ssim_map.flatten(1).mean(dim=1), reduction)
-
-
-class CodebookStats:
-    """Counts how often each code index occurs over a whole dataset.
-
-    ``usage`` is the fraction of codes seen at least once; ``perplexity`` is ``exp`` of the entropy
-    of the empirical code distribution (1 when one code is used, ``codebook_size`` when all are used
-    equally); ``counts`` holds the histogram.
-    """
-
-    def __init__(self, codebook_size: int) -> None:
-        if codebook_size < 1:
-            raise ValueError(f"codebook_size must be positive, got {codebook_size}")
-        self.codebook_size = codebook_size
-        self.counts = torch.zeros(codebook_size, dtype=torch.long)
-
-    def update(self, indices: torch.Tensor) -> None:
-        """Add a tensor of code indices of any shape."""
-        flat = indices.detach().reshape(-1).long().cpu()
-        if flat.numel() == 0:
-            return
-        if int(flat.min()) < 0 or int(flat.max()) >= self.codebook_size:
-            raise ValueError(
-                f"code indices must lie in [0, {self.codebook_size}), got [{int(flat.min())}, {int(flat.max())}]"
-            )
-        self.counts += torch.bincount(flat, minlength=self.codebook_size)
-
-    @property
-    def total(self) -> int:
-        return int(self.counts.sum())
-
-    @property
-    def usage(self) -> float:
-        return usage_and_perplexity(self.counts)[0]
-
-    @property
-    def perplexity(self) -> float:
-        if self.total == 0:
-            raise ValueError("perplexity is undefined before any indices were added")
-        return usage_and_perplexity(self.counts)[1]
 
 
 def _as_float64(array: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -240,3 +199,50 @@ def fid_from_features(features_a: torch.Tensor | np.ndarray, features_b: torch.T
     trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
     diff = mean_a - mean_b
     return max(float(diff @ diff + np.sum(a * a) + np.sum(b * b) - 2 * trace_sqrt), 0.0)
+
+
+class FeatureSet:
+    """Features of one image set for FID: running float64 statistics, plus the features themselves while
+    there are fewer of them than dimensions.
+
+    For such small sets :func:`fid_from_features` gives the same value as the statistics, without a D x D
+    eigendecomposition (seconds for Inception's 2048 dimensions on a CPU).
+    """
+
+    def __init__(self) -> None:
+        self.stats: FeatureStats | None = None
+        self.rows: list[torch.Tensor] | None = []
+
+    @property
+    def count(self) -> int:
+        return 0 if self.stats is None else self.stats.count
+
+    def update(self, features: torch.Tensor) -> None:
+        """Add features [N, D]."""
+        if self.stats is None:
+            self.stats = FeatureStats(features.shape[-1])
+        self.stats.update(features)
+        if self.rows is not None and self.count < self.stats.dim:
+            self.rows.append(features.detach().double().cpu())
+        else:
+            self.rows = None
+
+    def fid(self, other: FeatureSet) -> float:
+        """FID between this set and ``other`` (each needs at least 2 feature vectors)."""
+        if self.stats is None or other.stats is None:
+            raise ValueError("FID needs features of both image sets")
+        if self.rows is not None and other.rows is not None:
+            return fid_from_features(torch.cat(self.rows), torch.cat(other.rows))
+        return fid_from_stats(self.stats, other.stats)
+
+
+def generation_fid(samples: FeatureSet, reference_batches: Iterable, network: FeatureNetwork,
+                   total: int | None = None) -> tuple[float, int]:
+    """(FID, number of reference images) of generated-image features ``samples`` against real images.
+
+    ``reference_batches`` yields (images, labels) batches in [-1, 1]; ``total`` sizes the progress bar.
+    """
+    reference = FeatureSet()
+    for images, _ in tqdm(reference_batches, desc="reference features", total=total, dynamic_ncols=True):
+        reference.update(network(images))
+    return samples.fid(reference), reference.count

@@ -1,4 +1,4 @@
-"""How good a tokenizer or a prior is: reconstruction metrics over a dataset, and FID of generated images.
+"""How good a tokenizer is: reconstruction metrics and codebook statistics over a whole dataset.
 
 Reconstructions are :meth:`vqgan.model.VQGAN.reconstruct`'s: ``decode_indices(encode_to_indices(images))``
 clamped to [-1, 1], exactly what decoding the tokens a user exports gives back. Every metric is
@@ -12,19 +12,10 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from utils.evaluation.metrics import (
-    SSIM_WINDOW,
-    CodebookStats,
-    FeatureNetwork,
-    FeatureStats,
-    fid_from_features,
-    fid_from_stats,
-    psnr,
-    ssim,
-)
-from vqgan import VQGAN
+from utils.evaluation.metrics import SSIM_WINDOW, FeatureNetwork, FeatureSet, psnr, ssim
+from vqgan.model import VQGAN
+from vqgan.quantizer import usage_and_perplexity
 
 
 @torch.no_grad()
@@ -44,46 +35,51 @@ def decode_batches(vqgan: VQGAN, indices: torch.Tensor, batch_size: int,
         yield vqgan.decode_indices(chunk.to(device)).clamp(-1, 1).float().cpu()
 
 
-class FeatureSet:
-    """Features of one image set for FID: running float64 statistics, plus the features themselves while
-    there are fewer of them than dimensions.
+class CodebookStats:
+    """Counts how often each code index occurs over a whole dataset.
 
-    For such small sets :func:`utils.evaluation.metrics.fid_from_features` gives the same value as the
-    statistics, without a D x D eigendecomposition (seconds for Inception's 2048 dimensions on a CPU).
+    ``usage`` is the fraction of codes seen at least once; ``perplexity`` is ``exp`` of the entropy
+    of the empirical code distribution (1 when one code is used, ``codebook_size`` when all are used
+    equally); ``counts`` holds the histogram.
     """
 
-    def __init__(self) -> None:
-        self.stats: FeatureStats | None = None
-        self.rows: list[torch.Tensor] | None = []
+    def __init__(self, codebook_size: int) -> None:
+        if codebook_size < 1:
+            raise ValueError(f"codebook_size must be positive, got {codebook_size}")
+        self.codebook_size = codebook_size
+        self.counts = torch.zeros(codebook_size, dtype=torch.long)
+
+    def update(self, indices: torch.Tensor) -> None:
+        """Add a tensor of code indices of any shape."""
+        flat = indices.detach().reshape(-1).long().cpu()
+        if flat.numel() == 0:
+            return
+        if int(flat.min()) < 0 or int(flat.max()) >= self.codebook_size:
+            raise ValueError(
+                f"code indices must lie in [0, {self.codebook_size}), got [{int(flat.min())}, {int(flat.max())}]"
+            )
+        self.counts += torch.bincount(flat, minlength=self.codebook_size)
 
     @property
-    def count(self) -> int:
-        return 0 if self.stats is None else self.stats.count
+    def total(self) -> int:
+        return int(self.counts.sum())
 
-    def update(self, features: torch.Tensor) -> None:
-        """Add features [N, D]."""
-        if self.stats is None:
-            self.stats = FeatureStats(features.shape[-1])
-        self.stats.update(features)
-        if self.rows is not None and self.count < self.stats.dim:
-            self.rows.append(features.detach().double().cpu())
-        else:
-            self.rows = None
+    @property
+    def usage(self) -> float:
+        return usage_and_perplexity(self.counts)[0]
 
-    def fid(self, other: FeatureSet) -> float:
-        """FID between this set and ``other`` (each needs at least 2 feature vectors)."""
-        if self.stats is None or other.stats is None:
-            raise ValueError("FID needs features of both image sets")
-        if self.rows is not None and other.rows is not None:
-            return fid_from_features(torch.cat(self.rows), torch.cat(other.rows))
-        return fid_from_stats(self.stats, other.stats)
+    @property
+    def perplexity(self) -> float:
+        if self.total == 0:
+            raise ValueError("perplexity is undefined before any indices were added")
+        return usage_and_perplexity(self.counts)[1]
 
 
 class ReconstructionMetrics:
     """PSNR, SSIM, codebook usage and perplexity, and optionally rFID and LPIPS over a whole dataset.
 
     PSNR, SSIM and LPIPS are means over images of the per-image values; usage and perplexity come
-    from the code histogram of all images (:class:`utils.evaluation.metrics.CodebookStats`); rFID is the
+    from the code histogram of all images (:class:`CodebookStats`); rFID is the
     Frechet distance between Inception features of the originals and of the reconstructions.
     SSIM is left out (``None``) for images smaller than its 11x11 window.
     """
@@ -132,15 +128,3 @@ class ReconstructionMetrics:
         if self.lpips is not None:
             metrics["lpips"] = self.sums["lpips"] / self.count
         return metrics
-
-
-def generation_fid(samples: FeatureSet, reference_batches: Iterable, network: FeatureNetwork,
-                   total: int | None = None) -> tuple[float, int]:
-    """(FID, number of reference images) of generated-image features ``samples`` against real images.
-
-    ``reference_batches`` yields (images, labels) batches in [-1, 1]; ``total`` sizes the progress bar.
-    """
-    reference = FeatureSet()
-    for images, _ in tqdm(reference_batches, desc="reference features", total=total, dynamic_ncols=True):
-        reference.update(network(images))
-    return samples.fid(reference), reference.count
