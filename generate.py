@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +39,7 @@ from utils.evaluation.inception import InceptionWeightsError, load_inception
 from utils.evaluation.metrics import FeatureSet, generation_fid
 from utils.logging import MetricsFileError, read_metrics
 from utils.pictures import save_grid, save_images, save_reconstruction_grid, training_curves_picture
+from utils.run_dir import prove_writable
 from utils.script import StrictParser, clean_exit
 from vqgan import LPIPS, VQGAN, LPIPSWeightsError, LPIPSWeightsMismatchError
 from vqgan.evaluation import ReconstructionMetrics, decode_batches, reconstruct_batches
@@ -105,9 +105,7 @@ def _check_creatable(folder: Path, spec: str) -> None:
 def _check_writable(folder: Path, spec: str) -> None:
     """Create ``folder`` and prove a file can be written in it, so a long job cannot fail at its end."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test"):
-            pass
+        prove_writable(folder)
     except OSError as err:
         raise UsageError(f"--out {spec}: cannot write to '{folder}' ({err.strerror or err}). Pick a folder you can "
                          f"write to, or fix its permissions / free disk space.") from err

@@ -17,6 +17,7 @@ from tiny_training import STAGE1, STAGE2, write_config
 import generate
 import train_transformer
 import train_vqgan
+import utils.run_dir
 from dataloader import build_dataset
 from dataloader.inputs import data_config_of
 from utils.evaluation.metrics import FeatureSet, FeatureStats, fid_from_stats, psnr, ssim
@@ -298,7 +299,7 @@ def test_unwritable_output_is_reported_before_sampling(ckpts: Checkpoints, tmp_p
         raise PermissionError(13, "Permission denied")
 
     sampled = []
-    monkeypatch.setattr(generate.tempfile, "NamedTemporaryFile", refused)  # root may write anywhere: simulate it
+    monkeypatch.setattr(utils.run_dir.tempfile, "NamedTemporaryFile", refused)  # root may write anywhere: simulate
     monkeypatch.setattr(generate.VQGANPrior, "sample", lambda *a, **k: sampled.append(1))
     err = fails(capsys, "sample", "--checkpoint", ckpts.prior, "--out", tmp_path / "out", "--num", 2)
     assert f"cannot write to '{tmp_path / 'out'}' (Permission denied)" in err and not sampled

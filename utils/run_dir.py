@@ -58,12 +58,17 @@ def default_run_dir(config_path: str, run_dir: str | None) -> Path:
     return Path(run_dir) if run_dir else Path("runs") / Path(config_path).stem
 
 
+def prove_writable(folder: Path) -> None:
+    """Create ``folder`` and write (and remove) a file in it: OSError now, not when a long job ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test"):
+        pass
+
+
 def check_writable(folder: Path) -> None:
-    """Create ``folder`` and prove a file can be written there, before any training starts."""
+    """:func:`prove_writable` for a run folder, before any training starts."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test"):
-            pass
+        prove_writable(folder)
     except OSError as err:
         raise RunDirError(f"cannot write to the run folder '{folder}': {err}. "
                           f"Pick another folder with --run-dir, or fix its permissions / free disk space.") from err
