@@ -31,6 +31,7 @@ import struct
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ HELD_OUT_EVERY = 10  # without split folders, at most one image in this many goe
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+Item = TypeVar("Item")
 
 
 def list_images(root: Path) -> list[Path]:
@@ -118,28 +120,40 @@ def to_8bit(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("L" if channels == 1 else "RGB")
 
 
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+def resize_center_crop(image: Image.Image, size: int,
+                       resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
     """Resize the shorter side to ``size`` (up or down) and crop the centre ``size`` x ``size`` square."""
     width, height = image.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
     if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        image = image.resize((new_w, new_h), resample)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 
-def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
-    """Decode, convert and crop one file to a [C,H,W] tensor in [-1, 1]; BadImageError if unreadable."""
+def open_image(path: Path, draft_size: int | None = None) -> Image.Image:
+    """Decode one file with its EXIF rotation applied; BadImageError if unreadable. With ``draft_size`` a JPEG may
+    decode at a reduced size no smaller than that (faster)."""
     try:
         with Image.open(path) as image:
-            image.draft(None, (image_size, image_size))
+            if draft_size is not None:
+                image.draft(None, (draft_size, draft_size))
             image.load()
-            image = to_8bit(ImageOps.exif_transpose(image), channels)
+            return ImageOps.exif_transpose(image)
     except _DECODE_ERRORS as err:
         raise BadImageError(f"cannot read image '{path}' ({type(err).__name__}: {err}). Replace or delete the "
                             f"file, or set data.skip_bad_images: true to skip unreadable images.") from err
-    return to_tensor(np.asarray(resize_center_crop(image, image_size)))
+
+
+def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
+    """Decode, convert and crop one file to a [C,H,W] tensor in [-1, 1]; BadImageError if unreadable."""
+    return image_tensor(open_image(path, image_size), image_size, channels)
+
+
+def image_tensor(image: Image.Image, image_size: int, channels: int) -> torch.Tensor:
+    """Convert and crop a decoded image to a [C,H,W] tensor in [-1, 1]."""
+    return to_tensor(np.asarray(resize_center_crop(to_8bit(image, channels), image_size)))
 
 
 class FolderDataset(Dataset):
@@ -167,28 +181,33 @@ class FolderDataset(Dataset):
         size = f"{self.image_size}x{self.image_size}x{self.channels}"
         return f"FolderDataset('{self.root}': {len(self)} images, {size}, {self.num_classes} classes)"
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
+        """The item ``load`` gives at ``index`` (or at the next readable position with ``skip_bad_images``)."""
         count = len(self.paths)
         for step in range(count):
             position = (index + step) % count
             if position in self._bad:
                 continue
             try:
-                image = load_image(self.paths[position], self.image_size, self.channels)
+                return self.load(position)
             except BadImageError as err:
                 if not self.skip_bad_images:
                     raise
                 self._bad.add(position)
                 warnings.warn(f"skipping unreadable image #{len(self._bad)} of this process, using the next "
                               f"readable one instead: {err}", stacklevel=2)
-                continue
-            if self.augment:
-                image = random_hflip(image)
-            return image, self.labels[position]
         raise BadImageError(f"none of the {count} images under '{self.root}' can be read.")
 
+    def load(self, position: int) -> tuple[torch.Tensor, int]:
+        """The item at ``position``, or BadImageError (which ``skip_bad_images`` turns into the next item)."""
+        image = load_image(self.paths[position], self.image_size, self.channels)
+        if self.augment:
+            image = random_hflip(image)
+        return image, self.labels[position]
 
-def _split_dirs(root: Path) -> tuple[Path, Path] | None:
+
+def split_dirs(root: Path) -> tuple[Path, Path] | None:
+    """The (train, test) folders of ``root`` when it has them (see the module docstring)."""
     if not (root / "train").is_dir():
         return None
     for name in ("test", "val"):
@@ -204,7 +223,22 @@ def _spread(count: int, keep: int) -> list[int]:
     return [(2 * k + 1) * count // (2 * keep) for k in range(keep)]
 
 
-def _listed(directory: Path) -> list[Path]:
+def split_items(split: str, eval_samples: int, train: list[Item], test: list[Item] | None) -> list[Item]:
+    """The items of ``split``: from split folders' ``train`` and ``test`` lists, or, when ``test`` is None, held
+    out of the one list ``train`` (the rules of the module docstring)."""
+    if test is not None:
+        return train if split == "train" else [test[i] for i in _spread(len(test), eval_samples or len(test))]
+    keep = len(train) // HELD_OUT_EVERY
+    if eval_samples > 0:
+        keep = min(keep, eval_samples)
+    held = set(_spread(len(train), keep))
+    if split == "train":
+        return [item for i, item in enumerate(train) if i not in held]
+    return [train[i] for i in sorted(held)] or train
+
+
+def listed(directory: Path) -> list[Path]:
+    """The images under ``directory`` (as ``list_images``); DatasetNotFoundError when there are none."""
     paths = list_images(directory)
     if not paths:
         raise DatasetNotFoundError(f"no images found in '{directory}' (searched recursively for "
@@ -239,22 +273,15 @@ def load_folder(root: str | Path, split: str, image_size: int, channels: int, cl
     if not root.is_dir():
         raise DatasetNotFoundError(f"image folder '{root}' does not exist (or is not a folder). Set data.root to a "
                                    f"folder of images ({', '.join(EXTENSIONS)}; searched recursively).")
-    dirs = _split_dirs(root)
+    dirs = split_dirs(root)
     if dirs is not None:
-        train_dir, test_dir = dirs
-        train = [(p, train_dir) for p in _listed(train_dir)]
-        test = [(p, test_dir) for p in _listed(test_dir)]
+        train: list[tuple[Path, Path]] = [(p, dirs[0]) for p in listed(dirs[0])]
+        test: list[tuple[Path, Path]] | None = [(p, dirs[1]) for p in listed(dirs[1])]
         every = train + test
-        test = [test[i] for i in _spread(len(test), eval_samples if eval_samples > 0 else len(test))]
     else:
-        every = [(p, root) for p in _listed(root)]
-        keep = len(every) // HELD_OUT_EVERY
-        if eval_samples > 0:
-            keep = min(keep, eval_samples)
-        held = set(_spread(len(every), keep))
-        test = [every[i] for i in sorted(held)] or every
-        train = [item for i, item in enumerate(every) if i not in held]
-    chosen = train if split == "train" else test
+        every = train = [(p, root) for p in listed(root)]
+        test = None
+    chosen = split_items(split, eval_samples, train, test)
     names: list[str] = []
     labels = [0] * len(chosen)
     if class_labels:
