@@ -14,7 +14,8 @@ and values of the wrong type raise :class:`ConfigError` naming the key and the c
 It also holds the two sections both stages share, ``data`` (:class:`DataConfig`, read by
 ``dataloader/``) and ``train`` (:class:`TrainConfig`, read by the scripts and :mod:`utils.training`),
 with their checks (:func:`validate_data`, which ``dataloader.build_dataset`` calls too, and
-:func:`validate_data_and_train`). They live here, on the ground floor, because the stage configs in
+:func:`validate_data_and_train`) and the channel counts the data gives a model (:func:`condition_channels`,
+:func:`input_channels`). They live here, on the ground floor, because the stage configs in
 ``vqgan/`` and ``transformer/`` contain them and those packages never import ``dataloader/``; this
 module imports none of the packages.
 """
@@ -59,6 +60,15 @@ class DataConfig:
     num_samples: int = option(20000, "builtin dataset: number of training images")
     num_classes: int = option(10, "builtin dataset: number of classes")
     eval_samples: int = option(2000, "number of held-out images used for evaluation")
+    condition: Literal["none", "segmentation", "depth", "lowres", "coord"] = option(
+        "none", "condition map each image comes with: none, segmentation (label maps), depth, lowres (the image at "
+                "1/lowres_factor) or coord (pixel positions)")
+    num_labels: int = option(0, "segmentation: number of labels (pixel values 0..num_labels-1); the builtin data has "
+                                "num_classes + 1 (0 = background)")
+    lowres_factor: int = option(4, "lowres condition: downsampling factor")
+    content: Literal["images", "conditions"] = option(
+        "images", "what the dataset yields first: the images, or the condition maps (to train a condition tokenizer "
+                  "with train_vqgan.py)")
 
 
 @dataclass
@@ -134,8 +144,50 @@ def validate_data(data: DataConfig) -> None:
     """Raise ConfigError on impossible values of the ``data`` section (also checked when a dataset is built)."""
     check(data.channels in (1, 3), f"data.channels must be 1 or 3, got {data.channels}.")
     check(data.image_size > 0, f"data.image_size must be positive, got {data.image_size}.")
-    check_counts("data", data, {"num_workers": 0, "num_samples": 1, "num_classes": 1, "eval_samples": 0},
-                 {"num_workers": 2, "num_samples": 20000, "num_classes": 10, "eval_samples": 2000})
+    check_counts("data", data, {"num_workers": 0, "num_samples": 1, "num_classes": 1, "eval_samples": 0,
+                                "num_labels": 0, "lowres_factor": 1},
+                 {"num_workers": 2, "num_samples": 20000, "num_classes": 10, "eval_samples": 2000, "num_labels": 0,
+                  "lowres_factor": 4})
+    _validate_condition(data)
+
+
+# Conditions read from files, and the datasets that have such files (lowres and coord are derived from any image).
+_CONDITION_SOURCES = {"segmentation": ("builtin", "folder"), "depth": ("folder",)}
+
+
+def _validate_condition(data: DataConfig) -> None:
+    if data.condition == "lowres":
+        check_value("data.lowres_factor", data.lowres_factor, data.image_size % data.lowres_factor == 0,
+                    f"a divisor of data.image_size ({data.image_size}) for the lowres condition",
+                    next(f for f in (4, 2, 1) if data.image_size % f == 0))
+    check(data.content == "images" or data.condition != "none",
+          "data.content=conditions yields condition maps, but data.condition is none. Set the condition the "
+          "tokenizer is for, e.g. data.condition=segmentation, or data.content=images.")
+    sources = _CONDITION_SOURCES.get(data.condition)
+    if sources is not None and data.name not in sources:
+        builtin = " or data.name=builtin (procedural shapes with label maps)" if "builtin" in sources else ""
+        raise ConfigError(f"data.condition={data.condition} needs condition maps that data.name={data.name} does not "
+                          f"have. Use data.name=folder with ROOT/images/NAME.ext and ROOT/conditions/NAME.png"
+                          f"{builtin}; the lowres and coord conditions work with every dataset.")
+    if data.condition == "segmentation":
+        if data.name == "builtin":
+            labels = data.num_classes + 1
+            check(data.num_labels == labels,
+                  f"data.num_labels must be data.num_classes + 1 = {labels} for the builtin data's label maps "
+                  f"(0 is the background, a shape of class c is label c + 1), got {data.num_labels}; "
+                  f"e.g. data.num_labels={labels}.")
+        check_value("data.num_labels", data.num_labels, data.num_labels >= 2,
+                    "at least 2 for segmentation conditions (the maps' pixel values are labels 0..num_labels-1)", 2)
+
+
+def condition_channels(data: DataConfig) -> int:
+    """Channels of the condition maps as a tokenizer sees them (a segmentation map as a one-hot of its labels)."""
+    return {"none": 0, "segmentation": data.num_labels, "depth": 1, "lowres": data.channels, "coord": 1}[data.condition]
+
+
+def input_channels(data: DataConfig) -> int:
+    """Channels of what the dataset yields first: the condition maps or the images (see ``data.content``)."""
+    return condition_channels(data) if data.content == "conditions" else data.channels
 
 
 def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
