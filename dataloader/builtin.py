@@ -7,6 +7,9 @@ num_classes`` (balanced classes) and decides the kind of shape; colours, positio
 the number of objects (1-3, all of the class's kind) and the background (a two-colour gradient with
 a wavy texture) are random. Background and objects sit on opposite sides of the brightness range, so
 shapes stay visible in grayscale too. Edges are antialiased from signed distances.
+
+With ``segmentation`` every image comes with its label map from the same render: 0 on the background
+and ``label + 1`` on the pixels that the shapes cover more than half.
 """
 
 import math
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import LUMA, random_hflip
+from .transforms import LUMA, random_hflip, random_hflip_pair
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "stripes", "checker",
           "diamond", "star", "crescent", "hexagon", "frame")
@@ -83,10 +86,14 @@ def _pattern(phase: np.ndarray, pixels_per_period: float) -> np.ndarray:
 
 
 class ShapesDataset(Dataset):
-    """``length`` procedurally drawn images of coloured shapes; item ``i`` has class ``i % num_classes``."""
+    """``length`` procedurally drawn images of coloured shapes; item ``i`` has class ``i % num_classes``.
+
+    Items are ``(image, label)``, or ``(image, mask, label)`` with ``segmentation``: mask is a long [1,H,W] label
+    map, flipped with the image.
+    """
 
     def __init__(self, length: int, image_size: int = 32, channels: int = 3, num_classes: int = 10,
-                 seed: int = 0, augment: bool = False) -> None:
+                 seed: int = 0, augment: bool = False, segmentation: bool = False) -> None:
         if not 1 <= num_classes <= len(SHAPES):
             raise ValueError(f"data.num_classes for the builtin dataset must be between 1 and {len(SHAPES)} "
                              f"(one per shape kind: {', '.join(SHAPES)}), got {num_classes}.")
@@ -100,6 +107,7 @@ class ShapesDataset(Dataset):
         self.num_classes = num_classes
         self.seed = seed
         self.augment = augment
+        self.segmentation = segmentation
         centres = (np.arange(image_size) + 0.5) / image_size
         self._y, self._x = np.meshgrid(centres, centres, indexing="ij")
 
@@ -110,24 +118,30 @@ class ShapesDataset(Dataset):
         return (f"ShapesDataset({self.length} images, {self.image_size}x{self.image_size}x{self.channels}, "
                 f"{self.num_classes} classes, seed {self.seed})")
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, torch.Tensor, int]:
         index = operator.index(index)
         if index < 0:
             index += self.length
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} images")
         label = index % self.num_classes
-        pixels = self.render(np.random.default_rng([self.seed, index]), SHAPES[label])
+        pixels, covered = self.render(np.random.default_rng([self.seed, index]), SHAPES[label])
         if self.channels == 1:
             pixels = pixels @ np.asarray(LUMA)
             pixels = pixels[:, :, None]
         image = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1).mul(2.0).sub(1.0).contiguous()
+        if not self.segmentation:
+            if self.augment:
+                image = random_hflip(image)
+            return image, label
+        mask = torch.from_numpy(covered.astype(np.int64) * (label + 1))[None]
         if self.augment:
-            image = random_hflip(image)
-        return image, label
+            image, mask = random_hflip_pair(image, mask)
+        return image, mask, label
 
-    def render(self, rng: np.random.Generator, shape: str) -> np.ndarray:
-        """Draw one scene of ``shape`` objects as a float [H,W,3] array in [0, 1]."""
+    def render(self, rng: np.random.Generator, shape: str) -> tuple[np.ndarray, np.ndarray]:
+        """Draw one scene of ``shape`` objects: a float [H,W,3] array in [0, 1] and the bool [H,W] map of the
+        pixels the objects cover more than half."""
         x, y = self._x, self._y
         dark = rng.random() < 0.5
         lo, hi = (0.05, 0.35) if dark else (0.65, 0.95)
@@ -145,12 +159,15 @@ class ShapesDataset(Dataset):
 
         count = int(rng.choice(3, p=(0.5, 0.3, 0.2))) + 1
         r_lo, r_hi = (0.22, 0.32) if count == 1 else (0.13, 0.21)
+        covered = np.zeros(x.shape, dtype=bool)
         for _ in range(count):
-            image = self._draw(image, rng, shape, rng.uniform(r_lo, r_hi), dark, background_luma)
-        return np.clip(image, 0.0, 1.0)
+            image, coverage = self._draw(image, rng, shape, rng.uniform(r_lo, r_hi), dark, background_luma)
+            covered |= coverage[..., 0] > 0.5
+        return np.clip(image, 0.0, 1.0), covered
 
     def _draw(self, image: np.ndarray, rng: np.random.Generator, shape: str, radius: float,
-              dark: bool, background_luma: float) -> np.ndarray:
+              dark: bool, background_luma: float) -> tuple[np.ndarray, np.ndarray]:
+        """``image`` with one more object drawn over it, and the object's coverage [H,W,1] in [0, 1]."""
         cx, cy = rng.uniform(radius, 1 - radius, size=2)
         rotation = rng.uniform(-0.3, 0.3) if shape in _UPRIGHT else rng.uniform(0, 2 * math.pi)
         cos, sin = math.cos(rotation), math.sin(rotation)
@@ -173,4 +190,4 @@ class ShapesDataset(Dataset):
                 down = _pattern(2 * math.pi * v / period, pixels_per_period)
                 mix = across * down + (1 - across) * (1 - down)
             fill = fill * mix[..., None] + second * (1 - mix[..., None])
-        return image * (1 - coverage) + fill * coverage
+        return image * (1 - coverage) + fill * coverage, coverage

@@ -1,15 +1,25 @@
 """Build the dataset a ``DataConfig`` asks for, and tell how many classes a dataset has.
 
-Every item is ``(image, label)``: a float tensor [C,H,W] in [-1, 1] with C = ``channels`` and
-H = W = ``image_size``, and an int label (0 for datasets without classes).
+Without a condition every item is ``(image, label)``: a float tensor [C,H,W] in [-1, 1] with C =
+``channels`` and H = W = ``image_size``, and an int label (0 for datasets without classes). With
+``data.condition`` items are ``(image, condition, label)``, and with ``data.content: conditions``
+``(condition, label)``. The condition map is at ``image_size``, cropped and flipped with its image:
+segmentation a long [1,H,W] label map (values 0..num_labels-1, not one-hot), depth a float [1,H,W] in
+[-1, 1], lowres a float [C,H,W] (``transforms.lowres_condition``), coord a float [1,H,W] in [0, 1)
+(``transforms.coord_map``, never flipped).
 """
+
+from pathlib import Path
 
 from torch.utils.data import Dataset, Subset
 
 from utils.config import DataConfig, validate_data
 
 from .builtin import ShapesDataset
+from .conditions import ConditionsOnly, DerivedConditions
+from .errors import DatasetFormatError
 from .folder import load_folder
+from .paired import CONDITION_KINDS, has_condition_maps, load_paired
 from .standard import load_cifar10, load_idx_dataset
 
 SPLITS = ("train", "test")
@@ -18,34 +28,56 @@ NAMES = ("builtin", "mnist", "fashion_mnist", "cifar10", "folder")
 
 
 def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = None) -> Dataset:
-    """The ``split`` ('train' or 'test') of the dataset ``cfg.name``.
+    """The ``split`` ('train' or 'test') of the dataset ``cfg.name``, with the items the module docstring lists.
 
     ``augment`` (random horizontal flips) defaults to ``cfg.random_flip`` on the train split only.
     Builtin: ``num_samples`` train items and ``eval_samples`` test items (10% of ``num_samples`` when
     0), drawn from different seeds. Standard sets: the whole train split, and the first ``eval_samples``
-    test images (0 = all). Folders: see ``dataloader.folder``.
+    test images (0 = all). Folders: see ``dataloader.folder``, and ``dataloader.paired`` for
+    segmentation and depth conditions.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
     validate_data(cfg)
     if augment is None:
         augment = cfg.random_flip and split == "train"
+    dataset = _images(cfg, split, augment)
+    if cfg.condition in ("lowres", "coord"):
+        dataset = DerivedConditions(dataset, cfg.condition, cfg.lowres_factor)
+    if cfg.content == "conditions":
+        dataset = ConditionsOnly(dataset)
+    return dataset
+
+
+def _images(cfg: DataConfig, split: str, augment: bool) -> Dataset:
+    """The dataset before derived conditions: (image, label) items, or (image, condition, label) where the
+    condition maps come with the data."""
     if cfg.name == "builtin":
         length = cfg.num_samples if split == "train" else cfg.eval_samples or max(1, cfg.num_samples // 10)
-        return ShapesDataset(length, cfg.image_size, cfg.channels, cfg.num_classes, BUILTIN_SEEDS[split], augment)
+        return ShapesDataset(length, cfg.image_size, cfg.channels, cfg.num_classes, BUILTIN_SEEDS[split], augment,
+                             segmentation=cfg.condition == "segmentation")
     if cfg.name in ("mnist", "fashion_mnist"):
         return load_idx_dataset(cfg.name, cfg.root, split, cfg.image_size, cfg.channels, cfg.download,
                                 cfg.eval_samples, augment)
     if cfg.name == "cifar10":
         return load_cifar10(cfg.root, split, cfg.image_size, cfg.channels, cfg.download, cfg.eval_samples, augment)
     if cfg.name == "folder":
+        if cfg.condition in CONDITION_KINDS:
+            return load_paired(cfg.root, split, cfg.condition, cfg.image_size, cfg.channels, cfg.num_labels,
+                               cfg.eval_samples, augment, cfg.skip_bad_images)
+        if has_condition_maps(Path(cfg.root)):
+            raise DatasetFormatError(
+                f"'{cfg.root}' holds condition maps (a conditions/ folder beside images/), which a plain image folder "
+                f"would read as images. Set data.condition to segmentation or depth to read the pairs (the images "
+                f"come first in each item), or point data.root at a folder of images only.")
         return load_folder(cfg.root, split, cfg.image_size, cfg.channels, cfg.class_labels, cfg.eval_samples,
                            augment, cfg.skip_bad_images)
     raise ValueError(f"unknown data.name {cfg.name!r}; choose one of {', '.join(NAMES)}.")
 
 
 def num_classes_of(dataset: Dataset) -> int:
-    """Number of classes of a dataset built here (looking through ``Subset``); 0 when it has none."""
-    while isinstance(dataset, Subset):
+    """Number of classes of a dataset built here (looking through ``Subset`` and the condition views); 0 when it
+    has none."""
+    while isinstance(dataset, (Subset, DerivedConditions, ConditionsOnly)):
         dataset = dataset.dataset
     return int(getattr(dataset, "num_classes", 0))

@@ -1,4 +1,5 @@
-"""Tensor conversions shared by the datasets: uint8 pixels -> float [-1, 1], resizing, channels, flips."""
+"""Tensor conversions shared by the datasets: uint8 pixels -> float [-1, 1], resizing, channels, flips, and the
+conditions derived from an image (a low-resolution copy, pixel positions)."""
 
 import numpy as np
 import torch
@@ -40,3 +41,33 @@ def random_hflip(image: torch.Tensor) -> torch.Tensor:
     if torch.rand(()) < 0.5:
         return image.flip(-1)
     return image
+
+
+def random_hflip_pair(image: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip an image and its condition map together, with one draw as ``random_hflip`` makes."""
+    if torch.rand(()) < 0.5:
+        return image.flip(-1), condition.flip(-1)
+    return image, condition
+
+
+def upsample(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic resize of a [C,h,w] image to [C,height,width], clamped to [-1, 1]."""
+    resized = F.interpolate(image[None], size=(height, width), mode="bicubic", align_corners=False)
+    return resized[0].clamp_(-1.0, 1.0)
+
+
+def lowres_condition(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """The [C,H,W] image at 1/``factor`` of its size (bicubic, antialiased), upsampled back to H x W (bicubic)."""
+    height, width = image.shape[-2:]
+    if factor < 1 or height % factor or width % factor:
+        raise ValueError(f"lowres_condition needs image sides divisible by the factor, got {height}x{width} and "
+                         f"factor {factor}.")
+    small = F.interpolate(image[None], size=(height // factor, width // factor), mode="bicubic",
+                          align_corners=False, antialias=True)[0]
+    return upsample(small, height, width)
+
+
+def coord_map(height: int, width: int) -> torch.Tensor:
+    """[1,H,W] float map of each pixel's raster position (y * W + x) / (H * W), in [0, 1)."""
+    positions = torch.arange(height * width, dtype=torch.float64) / (height * width)
+    return positions.view(1, height, width).float()
