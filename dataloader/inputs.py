@@ -1,4 +1,5 @@
-"""The image sets ``generate.py`` reads: a folder of images, a YAML config, or a checkpoint's own data.
+"""The image sets ``generate.py`` reads: a folder of images, a YAML config, or a checkpoint's own data; and the
+folders of condition maps it samples from.
 
 An input spec is one of
 
@@ -9,6 +10,14 @@ An input spec is one of
 
 Images always come at the model's resolution and channel count (resized and center-cropped, RGB
 reduced to luma or grayscale repeated), whatever the config or the files say.
+
+A condition folder (:func:`condition_folder`) holds the maps to sample from: the files under
+``ROOT/conditions/`` when it exists, each with its real image ``ROOT/images/`` of the same name where
+there is one; otherwise every image file under ``ROOT``, without real images. Segmentation and depth
+maps are read as in ``dataloader.paired``. Lowres maps are low-resolution images of any size, cropped
+to ``image_size // lowres_factor`` and upsampled to ``image_size`` (bicubic), the form
+``transforms.lowres_condition`` gives; a folder with ``images/`` but no ``conditions/`` derives them
+from its images. Coordinate maps are computed, never read.
 """
 
 from __future__ import annotations
@@ -17,15 +26,18 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from torch.utils.data import Dataset, Subset
 
 from utils.config import ConfigError, DataConfig, from_dict, parse_yaml
 
 from .datasets import build_dataset, num_classes_of
-from .errors import DatasetNotFoundError
-from .folder import EXTENSIONS, FolderDataset, list_images
+from .errors import DatasetFormatError, DatasetNotFoundError
+from .folder import EXTENSIONS, FolderDataset, image_tensor, list_images, load_image, open_image
 from .loader import CheckedLoader
+from .paired import CONDITIONS, IMAGES, by_stem, check_sizes, condition_tensor, open_condition
+from .transforms import lowres_condition, upsample
 
 OWN_TEST_SPLIT = "test"
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -107,3 +119,92 @@ def resolve_images(spec: str, trained_on: DataConfig, *, image_size: int, channe
         image_set.dataset = Subset(image_set.dataset, range(limit))
         image_set.description += f", first {limit} images"
     return image_set
+
+
+class ConditionSet(Dataset):
+    """Condition maps to sample from; items ``(condition, image, has_image)`` with the condition in the form
+    ``build_dataset`` gives and the real image (zeros where there is none). A condition path of None means the
+    map is derived from the image (lowres). ``stems`` names each map (its relative path without extension)."""
+
+    def __init__(self, conditions: list[Path | None], images: list[Path | None], stems: list[str], kind: str,
+                 image_size: int, channels: int, num_labels: int = 0, lowres_factor: int = 4,
+                 description: str = "") -> None:
+        if not len(conditions) == len(images) == len(stems):
+            raise ValueError(f"{len(conditions)} conditions, {len(images)} images and {len(stems)} stems.")
+        self.conditions = conditions
+        self.images = images
+        self.stems = stems
+        self.kind = kind
+        self.image_size = image_size
+        self.channels = channels
+        self.num_labels = num_labels
+        self.lowres_factor = lowres_factor
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __repr__(self) -> str:
+        return f"ConditionSet({self.description})"
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        condition_path, image_path = self.conditions[index], self.images[index]
+        if condition_path is None:
+            image = load_image(image_path, self.image_size, self.channels)
+            return lowres_condition(image, self.lowres_factor), image, True
+        if self.kind == "lowres":
+            small = self.image_size // self.lowres_factor
+            condition = upsample(image_tensor(open_image(condition_path, small), small, self.channels),
+                                 self.image_size, self.image_size)
+            image = None if image_path is None else load_image(image_path, self.image_size, self.channels)
+        else:
+            opened = open_condition(condition_path, self.kind, self.num_labels)
+            image = None
+            if image_path is not None:
+                real = open_image(image_path)
+                check_sizes(real, image_path, opened, condition_path)
+                image = image_tensor(real, self.image_size, self.channels)
+            condition = condition_tensor(opened, self.kind, self.image_size)
+        if image is None:
+            return condition, torch.zeros(self.channels, self.image_size, self.image_size), False
+        return condition, image, True
+
+
+def condition_folder(root: str | Path, kind: str, image_size: int, channels: int, num_labels: int = 0,
+                     lowres_factor: int = 4) -> ConditionSet:
+    """The condition maps of ``kind`` (segmentation, depth or lowres) under ``root``, by the rules of the module
+    docstring, sorted by path."""
+    root = Path(root)
+    if kind == "coord":
+        raise DatasetFormatError(f"coordinate conditions are computed from the pixel positions, not read from files "
+                                 f"such as those in '{root}': sample without --condition.")
+    if kind not in ("segmentation", "depth", "lowres"):
+        raise ValueError(f"kind must be segmentation, depth, lowres or coord, got {kind!r}.")
+    if kind == "lowres" and (lowres_factor < 1 or image_size % lowres_factor):
+        raise ValueError(f"image_size {image_size} is not divisible by lowres_factor {lowres_factor}.")
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"condition folder '{root}' does not exist (or is not a folder). Pass a folder of "
+                                   f"{kind} maps, or one with conditions/ (the maps) and images/ (their images).")
+    images_dir, conditions_dir = root / IMAGES, root / CONDITIONS
+    real = by_stem(list_images(images_dir), images_dir) if images_dir.is_dir() else {}
+    if conditions_dir.is_dir():
+        found = by_stem(list_images(conditions_dir), conditions_dir)
+        stems = sorted(found)
+        conditions, images, folder = [found[s] for s in stems], [real.get(s) for s in stems], conditions_dir
+    elif kind == "lowres" and real:
+        stems = sorted(real)
+        conditions, images, folder = [None] * len(stems), [real[s] for s in stems], images_dir
+    else:
+        found = by_stem(list_images(root), root)
+        stems = sorted(found)
+        conditions, images, folder = [found[s] for s in stems], [None] * len(stems), root
+    if not stems:
+        raise DatasetNotFoundError(f"no condition maps found in '{folder}' (searched recursively for "
+                                   f"{', '.join(EXTENSIONS)}). Pass a folder of {kind} maps.")
+    paired = sum(image is not None for image in images)
+    if conditions[0] is None:
+        description = f"{len(stems)} {kind} maps derived from the images in {folder}"
+    else:
+        description = f"{len(stems)} {kind} maps in {folder}" + (f", {paired} with their images" if paired else "")
+    return ConditionSet(conditions, images, stems, kind, image_size, channels, num_labels, lowres_factor,
+                        description)

@@ -1,5 +1,5 @@
 """Condition maps: builtin label maps, paired folders (segmentation, depth), derived lowres and coord maps,
-the condition-tokenizer view and their config checks."""
+the condition-tokenizer view, their config checks, and the condition folders generate.py samples from."""
 
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from PIL import Image
 from dataloader import BadImageError, DatasetFormatError, DatasetNotFoundError, build_dataset, num_classes_of
 from dataloader.builtin import ShapesDataset
 from dataloader.folder import folder_fingerprint
+from dataloader.inputs import condition_folder
 from dataloader.transforms import LUMA, coord_map, lowres_condition
 from utils.config import ConfigError, DataConfig, condition_channels, input_channels, validate_data
 
@@ -332,3 +333,51 @@ def test_condition_and_input_channels():
     for options in ({"condition": "lowres"}, {"condition": "coord"}):
         validate_data(DataConfig(name="cifar10", **options))
 
+
+# ---------------------------------------------------------------- condition folders for sampling
+
+
+def test_condition_folder_with_images_beside(tmp_path):
+    write_pair(tmp_path, "a", halves(), half_labels(left=2))
+    save(tmp_path / "conditions" / "deep" / "b.png", half_labels((6, 6)))
+    conditions = condition_folder(tmp_path, "segmentation", 8, 3, num_labels=3)
+    assert conditions.stems == ["a", "deep/b"] and len(conditions) == 2
+    assert "1 with their images" in conditions.description
+    mask, image, has_image = conditions[0]
+    assert has_image and mask.dtype == torch.long and mask.max() == 2 and image[0, 0, 0] == 1
+    mask, image, has_image = conditions[1]
+    assert not has_image and torch.equal(image, torch.zeros(3, 8, 8)) and mask.shape == (1, 8, 8)
+    save(tmp_path / "conditions" / "c.png", half_labels(left=5))
+    conditions = condition_folder(tmp_path, "segmentation", 8, 3, num_labels=3)
+    with pytest.raises(DatasetFormatError, match="holds label 5"):
+        conditions[conditions.stems.index("c")]
+
+
+def test_condition_folder_of_maps_only(tmp_path):
+    save(tmp_path / "x.png", Image.fromarray(np.full((5, 5), 65535, np.uint16)))
+    depth, image, has_image = condition_folder(tmp_path, "depth", 4, 1)[0]
+    assert (depth == 1).all() and depth.shape == (1, 4, 4) and image.shape == (1, 4, 4) and not has_image
+
+
+def test_condition_folder_lowres(tmp_path):
+    save(tmp_path / "small.png", Image.new("RGB", (5, 7), (255, 0, 0)))
+    condition, _, has_image = condition_folder(tmp_path, "lowres", 16, 3, lowres_factor=4)[0]
+    assert condition.shape == (3, 16, 16) and not has_image
+    assert torch.allclose(condition, torch.tensor([1.0, -1.0, -1.0])[:, None, None].expand(3, 16, 16), atol=1e-5)
+    derived = tmp_path / "derived"
+    save(derived / "images" / "a.png", halves((16, 16)))
+    conditions = condition_folder(derived, "lowres", 16, 3, lowres_factor=2)
+    condition, image, has_image = conditions[0]
+    assert has_image and torch.equal(condition, lowres_condition(image, 2)) and "derived" in conditions.description
+
+
+def test_condition_folder_errors(tmp_path):
+    with pytest.raises(DatasetFormatError, match="computed .* sample without --condition"):
+        condition_folder(tmp_path, "coord", 8, 3)
+    with pytest.raises(DatasetNotFoundError, match="does not exist") as err:
+        condition_folder(tmp_path / "nowhere", "segmentation", 8, 3, num_labels=3)
+    assert str(tmp_path / "nowhere") in str(err.value)
+    (tmp_path / "conditions").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="no condition maps found") as err:
+        condition_folder(tmp_path, "depth", 8, 3)
+    assert str(tmp_path / "conditions") in str(err.value)
