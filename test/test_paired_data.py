@@ -180,7 +180,8 @@ def test_paired_depth_8_and_16_bit(tmp_path):
     sixteen[:, :4] = 32768
     write_pair(tmp_path, "a", Image.new("RGB", (8, 8)), Image.fromarray(eight, mode="L"))
     write_pair(tmp_path, "b", Image.new("RGB", (8, 8)), Image.fromarray(sixteen))
-    assert Image.open(tmp_path / "conditions" / "b.png").mode.startswith("I;16")
+    with Image.open(tmp_path / "conditions" / "b.png") as written:
+        assert written.mode.startswith("I;16")
     dataset = build_dataset(paired_cfg(tmp_path, condition="depth", image_size=8))
     _, depth, _ = dataset[0]
     assert depth.dtype == torch.float32 and depth.shape == (1, 8, 8)
