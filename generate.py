@@ -2,6 +2,9 @@
 
     python generate.py sample --checkpoint STAGE2.pt --num 64 --out DIR [--class C ...] [--seed S]
         [--temperature T] [--top-k K] [--top-p P] [--cfg-scale S] [--compile] [--fid-ref test|CONFIG|FOLDER]
+    python generate.py sample --checkpoint STAGE2.pt --condition FOLDER|test --out DIR [--samples-per-condition K]
+    python generate.py complete --checkpoint STAGE2.pt --input test|CONFIG|FOLDER --keep 0.5 --out DIR
+        [--samples-per-input K] [--class C ...]
     python generate.py reconstruct --checkpoint STAGE1.pt --input test|CONFIG|FOLDER --out DIR
         [--num N] [--fid] [--lpips]
     python generate.py tokens --checkpoint STAGE1.pt --input test|CONFIG|FOLDER --out FILE.npy
@@ -13,6 +16,12 @@ Image inputs (``--input``, ``--fid-ref``): ``test`` is the test split of the dat
 was trained on; a YAML config means the test split of its ``data`` section; a folder means every
 image under it. Images are resized to the model's resolution and channel count. Everything runs
 without gradients, in eval mode, in batches on ``--device`` (default: CUDA when available).
+
+Condition inputs (``sample --condition``, and ``complete --input`` for a map-conditioned prior): ``test``
+(the checkpoint's own test split, condition maps and images), or a folder: ``FOLDER/conditions/NAME.png``
+with the real images, where there are some, in ``FOLDER/images/NAME.*``; otherwise every file in
+``FOLDER`` is a condition map (for a low-res prior: a low-resolution image of any size). Each output is
+``OUT/NAME.png`` (``OUT/NAME_k.png`` for the ``k``-th of several samples per input).
 """
 
 from __future__ import annotations
@@ -28,10 +37,12 @@ import torch
 from tqdm import tqdm
 
 from dataloader import DataError
-from dataloader.inputs import ImageSet, data_config_of, resolve_images
+from dataloader.inputs import ConditionedInputs, ImageSet, conditioned_inputs, data_config_of, resolve_images
+from dataloader.transforms import coord_map
 from transformer import VQGANPrior
+from transformer.conditions import MAP_KINDS
 from transformer.config import Stage2Config, check_sampling
-from transformer.pictures import prior_samples_picture
+from transformer.pictures import prior_samples_picture, save_condition_grid
 from transformer.sampling import SamplingConfig
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, check_number, from_dict
@@ -47,6 +58,7 @@ from vqgan.pictures import tokenizer_pictures
 from vqgan.taming_import import import_taming
 
 GRID_IMAGES = 64
+GRID_CONDITIONS = 16  # rows of the condition and completion grids
 GRID_COLUMNS = 8
 MAX_CLASS_COLUMNS = 16
 
@@ -140,9 +152,9 @@ def sampling_settings(prior: VQGANPrior, state: dict, args: argparse.Namespace) 
                                                     if value is not None})
     except ConfigError as err:
         raise UsageError(str(err)) from err
-    if not prior.class_conditional:
+    if not prior.conditional:
         if given["cfg_scale"] not in (None, 1.0):
-            raise UsageError(f"--cfg-scale {given['cfg_scale']} needs a class-conditional prior, and this one is "
+            raise UsageError(f"--cfg-scale {given['cfg_scale']} needs a conditional prior, and this one is "
                              f"unconditional; leave --cfg-scale out.")
         settings["cfg_scale"] = 1.0
     return settings
@@ -173,10 +185,15 @@ def load_vqgan(path: str, device: torch.device) -> tuple[VQGAN, dict]:
 
 
 def prior_from_state(state: dict, path: str, device: torch.device) -> VQGANPrior:
-    """The prior of a stage-2 checkpoint dict, around the VQGAN that travels inside it, in eval mode."""
+    """The prior of a stage-2 checkpoint dict, around the VQGAN (and condition tokenizer) that travel inside it, in
+    eval mode."""
     stage1 = {"model_config": state["vqgan_config"], "model": state["vqgan"]}
     vqgan = VQGAN.from_checkpoint(stage1, f"{path} (stage-1 part)")
-    return VQGANPrior.from_checkpoint(vqgan, state, path).to(device)
+    cond_vqgan = None
+    if state.get("cond_vqgan") is not None:
+        tokenizer = {"model_config": state.get("cond_vqgan_config") or {}, "model": state["cond_vqgan"]}
+        cond_vqgan = VQGAN.from_checkpoint(tokenizer, f"{path} (condition tokenizer)")
+    return VQGANPrior.from_checkpoint(vqgan, state, path, cond_vqgan).to(device)
 
 
 def load_prior(path: str, device: torch.device) -> tuple[VQGANPrior, dict]:
@@ -203,17 +220,26 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out = output_folder(args.out)
     prior, state = load_prior(args.checkpoint, device)
     settings = sampling_settings(prior, state, args)
+    if args.condition is not None or prior.condition.kind in MAP_KINDS:
+        sample_conditions(args, prior, state, settings, out, device)
+        return
+    num = args.num or GRID_IMAGES
+    if args.samples_per_condition is not None:
+        raise UsageError("--samples-per-condition goes with --condition; use --num for the number of samples.")
     cycle = class_cycle(prior, args.classes)
     reference = input_images(args.fid_ref, prior.vqgan, state) if args.fid_ref else None
-    if reference is not None and args.num < 2:
+    if reference is not None and num < 2:
         raise UsageError("FID needs at least 2 samples; raise --num (thousands for a meaningful value).")
     inception = load_inception(args.inception, device) if reference is not None else None
     generator = torch.Generator(device).manual_seed(args.seed)
     features = FeatureSet()
     shown: list[torch.Tensor] = []
-    for start in tqdm(range(0, args.num, args.batch_size), desc="sampling", dynamic_ncols=True):
-        count = min(args.batch_size, args.num - start)
-        _, images = prior.sample(count, sample_labels(cycle, start, count), generator=generator, **settings)
+    for start in tqdm(range(0, num, args.batch_size), desc="sampling", dynamic_ncols=True):
+        count = min(args.batch_size, num - start)
+        condition = sample_labels(cycle, start, count)
+        if prior.condition.kind == "coord":  # whole images: every sample's window is the full picture
+            condition = coord_map(prior.vqgan.resolution, prior.vqgan.resolution).expand(count, 1, -1, -1)
+        _, images = prior.sample(count, condition, generator=generator, **settings)
         images = images.clamp(-1, 1).float().cpu()
         save_images(images, out, start)
         shown.append(images[:max(0, GRID_IMAGES - start)])
@@ -221,13 +247,121 @@ def cmd_sample(args: argparse.Namespace) -> None:
             features.update(inception(images))
     cycle = len(args.classes) if args.classes else prior.num_classes
     columns = cycle if 1 < cycle <= MAX_CLASS_COLUMNS else GRID_COLUMNS
-    save_grid(torch.cat(shown), out / "grid.png", nrow=min(columns, args.num))
-    print(f"wrote {args.num} samples to {out} ({out / 'grid.png'})")
+    save_grid(torch.cat(shown), out / "grid.png", nrow=min(columns, num))
+    print(f"wrote {num} samples to {out} ({out / 'grid.png'})")
     if reference is not None:
         loader = reference.loader(args.batch_size)
         fid, n_reference = generation_fid(features, loader, inception, total=len(loader))
-        report({"checkpoint": args.checkpoint, "reference": reference.description, "n_samples": args.num,
+        report({"checkpoint": args.checkpoint, "reference": reference.description, "n_samples": num,
                 "n_reference": n_reference, "fid": fid, "seed": args.seed, **settings}, out, "generation FID")
+
+
+def conditioned_inputs_of(spec: str, prior: VQGANPrior, state: dict, limit: int | None,
+                          need_images: bool) -> ConditionedInputs:
+    """The inputs ``spec`` names, each with the condition ``prior`` takes (see the module docstring)."""
+    data = data_config_of(state["config"])
+    return conditioned_inputs(spec, data, prior.condition.kind, image_size=prior.vqgan.resolution,
+                              channels=prior.vqgan.in_channels, limit=limit, need_images=need_images)
+
+
+def repeated_names(names: list[str], times: int) -> list[str]:
+    """Output names: ``NAME`` for one sample per input, ``NAME_0 .. NAME_{times-1}`` for several."""
+    return names if times == 1 else [f"{name}_{k}" for name in names for k in range(times)]
+
+
+def prior_condition(prior: VQGANPrior, conditions: torch.Tensor, labels: torch.Tensor,
+                    cycle: torch.Tensor | None, start: int) -> torch.Tensor | None:
+    """What ``prior.sample`` takes for a batch of inputs: their condition maps, class ids (the inputs' own labels,
+    or the ``--class`` ids in turn), or nothing."""
+    if prior.class_conditional:
+        return labels if cycle is None else sample_labels(cycle, start, len(labels))
+    return conditions if prior.conditional else None
+
+
+def sample_conditions(args: argparse.Namespace, prior: VQGANPrior, state: dict, settings: dict[str, Any],
+                      out: Path, device: torch.device) -> None:
+    """``sample --condition``: ``--samples-per-condition`` samples of every condition map, named after it."""
+    if args.condition is None:
+        raise UsageError(f"this prior is conditioned on {prior.condition.kind} maps: pass them with --condition "
+                         f"FOLDER (FOLDER/conditions/NAME.png, and FOLDER/images/NAME.* for a side-by-side with the "
+                         f"real image) or --condition test (the test split it was trained with).")
+    if not (prior.condition.kind in MAP_KINDS or prior.condition.kind == "coord"):
+        raise UsageError(f"--condition gives condition maps, but this prior is conditioned on "
+                         f"{prior.condition.kind}; leave --condition out (and use --class for a class).")
+    if args.classes is not None or args.fid_ref is not None:
+        raise UsageError("--class and --fid-ref do not go with --condition: a map-conditioned prior samples what "
+                         "its maps say.")
+    per_condition = args.samples_per_condition or 1
+    inputs = conditioned_inputs_of(args.condition, prior, state, args.num, need_images=False)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    grid: list[tuple[torch.Tensor, ...]] = []
+    shown = 0
+    for images, conditions, labels, has_image, names in tqdm(inputs.batches(max(1, args.batch_size // per_condition)),
+                                                              desc="sampling", dynamic_ncols=True):
+        repeated = conditions.repeat_interleave(per_condition, dim=0)
+        _, samples = prior.sample(len(repeated), repeated, generator=generator, **settings)
+        samples = samples.clamp(-1, 1).float().cpu()
+        save_images(samples, out, names=repeated_names(names, per_condition))
+        take = max(0, GRID_CONDITIONS - shown)
+        if take:
+            reals = torch.where(has_image.view(-1, 1, 1, 1), images, torch.zeros_like(images))
+            grid.append((conditions[:take].cpu(), samples[:take * per_condition], reals[:take], has_image[:take]))
+            shown += len(grid[-1][0])
+    conditions, samples, reals, has_image = (torch.cat(parts) for parts in zip(*grid))
+    save_condition_grid(conditions, samples, reals if has_image.any() else None, prior.condition.kind,
+                        inputs.num_labels, out / "grid.png")
+    print(f"wrote {len(inputs) * per_condition} samples of {len(inputs)} conditions ({inputs.description}) to {out} "
+          f"({out / 'grid.png'}: condition | samples{' | real image' if has_image.any() else ''})")
+
+
+def kept_rows(prior: VQGANPrior, keep: float) -> int:
+    """How many token rows ``--keep`` keeps: ``keep`` of the grid's height, rounded, and at least one row left to
+    sample."""
+    height = prior.latent_size[0]
+    rows = round(keep * height)
+    if rows >= height:
+        raise UsageError(f"--keep {keep} keeps all {height} token rows of this prior, leaving nothing to sample; "
+                         f"use a value below {(height - 0.5) / height:.3f}.")
+    return rows
+
+
+def cmd_complete(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    out = output_folder(args.out)
+    prior, state = load_prior(args.checkpoint, device)
+    settings = sampling_settings(prior, state, args)
+    cycle = class_cycle(prior, args.classes) if args.classes is not None else None
+    rows = kept_rows(prior, args.keep)
+    kept = rows * prior.latent_size[1]
+    per_input = args.samples_per_input
+    inputs = conditioned_inputs_of(args.input, prior, state, args.num, need_images=True)
+    if prior.class_conditional and cycle is None and inputs.num_classes == 0:
+        raise UsageError(f"this prior is class-conditional and the inputs ({inputs.description}) have no class "
+                         f"labels: pass --class C (one id, or several used in turn).")
+    generator = torch.Generator(device).manual_seed(args.seed)
+    grid: list[tuple[torch.Tensor, ...]] = []
+    done = 0
+    for images, conditions, labels, _, names in tqdm(inputs.batches(max(1, args.batch_size // per_input)),
+                                                     desc="completing", dynamic_ncols=True):
+        indices = prior.encode(images.to(device))
+        condition = prior_condition(prior, conditions, labels, cycle, done)
+        repeated = None if condition is None else condition.repeat_interleave(per_input, dim=0)
+        given = indices[:, :kept].repeat_interleave(per_input, dim=0)
+        _, completions = prior.sample(len(given), repeated, given=given, generator=generator, **settings)
+        completions = completions.clamp(-1, 1).float().cpu()
+        save_images(completions, out, names=repeated_names(names, per_input))
+        take = max(0, GRID_CONDITIONS - done)
+        if take:
+            kept_part = prior.decode(indices[:take]).clamp(-1, 1).float().cpu()
+            kept_part[..., rows * prior.vqgan.downsample_factor:, :] = 0.0  # the part to be sampled, grey
+            grid.append((images[:take], kept_part, completions[:take * per_input]))
+        done += len(images)
+    originals, kept_parts, completions = (torch.cat(parts) for parts in zip(*grid))
+    pictures = torch.cat([originals[:, None], kept_parts[:, None],
+                          completions.view(len(originals), per_input, *completions.shape[1:])], dim=1)
+    save_grid(pictures.flatten(0, 1), out / "grid.png", nrow=pictures.shape[1])
+    print(f"wrote {done * per_input} completions of {done} inputs ({inputs.description}), keeping the first {rows} "
+          f"of {prior.latent_size[0]} token rows, to {out} ({out / 'grid.png'}: input | kept part | completions)")
 
 
 def load_lpips(vgg: str | None, heads: str | None, device: torch.device) -> LPIPS:
@@ -404,6 +538,22 @@ def add_input(parser: argparse.ArgumentParser, default: str | None = None, num_d
                         help="use only the first N images" + (f" (default {num_default})" if num_default else ""))
 
 
+def add_sampling(parser: argparse.ArgumentParser) -> None:
+    """The sampling flags: temperature, top-k, top-p, guidance, compile and seed."""
+    parser.add_argument("--temperature", type=positive_float, default=None,
+                        help="softmax temperature (default: the checkpoint's sample.temperature)")
+    parser.add_argument("--top-k", type=non_negative_int, default=None,
+                        help="keep the k most likely codes; 0 = off (default: the checkpoint's sample.top_k)")
+    parser.add_argument("--top-p", type=probability, default=None,
+                        help="nucleus sampling mass; 1 = off (default: the checkpoint's sample.top_p)")
+    parser.add_argument("--cfg-scale", type=finite_float, default=None,
+                        help="classifier-free guidance scale, 1 = off (default: the checkpoint's sample.cfg_scale)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode with the one-token step under torch.compile, CUDA graphs on CUDA (default: "
+                             "the checkpoint's sample.compile)")
+    parser.add_argument("--seed", type=any_int, default=0, help="random seed; the same seed gives the same images")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = StrictParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -411,27 +561,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="sample images from a stage-2 prior")
     add_common(sample, "stage-2 checkpoint (written by train_transformer.py)")
-    sample.add_argument("--num", type=positive_int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--num", type=positive_int, default=None,
+                        help=f"number of samples (default {GRID_IMAGES}); with --condition, use only the first N "
+                             f"conditions (default all)")
     sample.add_argument("--out", required=True, help="folder for 000000.png, ..., grid.png (and metrics.json)")
     sample.add_argument("--class", dest="classes", type=non_negative_int, nargs="+", default=None,
                         help="class id(s): one id for every sample, or several used in turn (sample i gets "
                              "the (i mod k)-th id). Default for a class-conditional prior: 0, 1, ..., C-1 in turn")
-    sample.add_argument("--temperature", type=positive_float, default=None,
-                        help="softmax temperature (default: the checkpoint's sample.temperature)")
-    sample.add_argument("--top-k", type=non_negative_int, default=None,
-                        help="keep the k most likely codes; 0 = off (default: the checkpoint's sample.top_k)")
-    sample.add_argument("--top-p", type=probability, default=None,
-                        help="nucleus sampling mass; 1 = off (default: the checkpoint's sample.top_p)")
-    sample.add_argument("--cfg-scale", type=finite_float, default=None,
-                        help="classifier-free guidance scale, 1 = off (default: the checkpoint's sample.cfg_scale)")
-    sample.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="decode with the one-token step under torch.compile, CUDA graphs on CUDA (default: "
-                             "the checkpoint's sample.compile)")
-    sample.add_argument("--seed", type=any_int, default=0, help="random seed; the same seed gives the same images")
+    sample.add_argument("--condition", default=None,
+                        help="condition maps of a segmentation/depth/low-res prior: 'test' or a FOLDER "
+                             "(FOLDER/conditions/NAME.png [+ FOLDER/images/NAME.*], or maps directly in FOLDER); "
+                             "writes OUT/NAME.png per map")
+    sample.add_argument("--samples-per-condition", type=positive_int, default=None,
+                        help="samples of each condition map (default 1; several are written as OUT/NAME_k.png)")
+    add_sampling(sample)
     sample.add_argument("--fid-ref", default=None,
                         help="also compute FID against these real images: 'test', a YAML config or a folder")
     sample.add_argument("--inception", default=None, help="FID Inception weights file (default: found locally)")
     sample.set_defaults(run=cmd_sample)
+
+    complete = commands.add_parser("complete", help="keep the top of each image's token grid and sample the rest")
+    add_common(complete, "stage-2 checkpoint (written by train_transformer.py)")
+    add_input(complete, also="; for a segmentation/depth prior a folder holds images/ and conditions/")
+    complete.add_argument("--out", required=True, help="folder for NAME.png per input (NAME_k.png for several) "
+                                                       "and grid.png")
+    complete.add_argument("--keep", type=cli_number(float, minimum=0, maximum=1), default=0.5,
+                          help="fraction of the token rows to keep, from the top (default 0.5)")
+    complete.add_argument("--samples-per-input", type=positive_int, default=1,
+                          help="completions of each input (default 1)")
+    complete.add_argument("--class", dest="classes", type=non_negative_int, nargs="+", default=None,
+                          help="class-conditional prior: the class id(s) to complete with, used in turn (default: "
+                               "the inputs' own labels)")
+    add_sampling(complete)
+    complete.set_defaults(run=cmd_complete)
 
     reconstruct = commands.add_parser("reconstruct", help="reconstruct images and measure the tokenizer")
     add_common(reconstruct, stage1)

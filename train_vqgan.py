@@ -30,7 +30,7 @@ from utils.device import autocast_dtype, configure_backends, conv_memory_format,
 from utils.distributed import DistInfo, on_every_rank, wrap_ddp
 from utils.logging import TrainingLog
 from utils.loop import BadStepTracker, StopSignal, check_replicas, is_due
-from utils.pictures import plot_training_curves, save_reconstruction_grid
+from utils.pictures import label_pictures, plot_training_curves, save_reconstruction_grid
 from utils.run_dir import prepare_run
 from utils.script import run_training, training_parser
 from utils.training import ModelEMA, autocast, compile_module, count_parameters, lr_factor, make_adam, set_lr, set_seed
@@ -209,23 +209,27 @@ def save(run_dir: Path, step: int, periodic: bool, config: dict, model: VQGAN, d
 
 @torch.no_grad()
 def write_samples(run_dir: Path, step: int, net: VQGAN, inputs: torch.Tensor, amp_dtype: torch.dtype | None) -> None:
-    """``samples/step_XXXXXX.png`` (held-out inputs above their reconstructions) and the refreshed plots."""
+    """``samples/step_XXXXXX.png`` (held-out inputs above their reconstructions; label maps in colour) and the
+    refreshed plots."""
     was_training = net.training
     net.eval()
     with autocast(inputs.device, amp_dtype):
-        reconstructions = net(inputs).reconstruction
+        reconstructions = net.outputs(net(inputs).reconstruction)
     net.train(was_training)
+    if net.num_labels:
+        inputs, reconstructions = (label_pictures(maps, net.num_labels) for maps in (inputs, reconstructions))
     save_reconstruction_grid(inputs, reconstructions, run_dir / "samples" / f"step_{step:06d}.png")
     plot_training_curves(run_dir / "metrics.csv", run_dir / "plots", PLOT_GROUPS)
 
 
 def summary(model: VQGAN, disc: Discriminator, loss: VQGANLoss, dataset_size: int, env: str,
             run_dir: Path, cfg: Stage1Config) -> str:
+    what = "images" if cfg.data.content == "images" else f"{cfg.data.condition} maps"
     parts = {"encoder": model.encoder, "decoder": model.decoder, "quantizer": model.quantizer,
              "discriminator": disc}
     lines = ["VQGAN stage 1", f"  run folder   {run_dir}", f"  device       {env}",
-             f"  data         {cfg.data.name} ({dataset_size} train images, {cfg.data.image_size}px, "
-             f"{cfg.data.channels} ch)",
+             f"  data         {cfg.data.name} ({dataset_size} train {what}, {cfg.data.image_size}px, "
+             f"{model.in_channels} ch)",
              f"  tokens       {model.latent_size[0]}x{model.latent_size[1]} from {model.codebook_size} codes"]
     lines += [f"  {name:<12} {count_parameters(module) / 1e6:.2f}M params" for name, module in parts.items()]
     lines.append(f"  perceptual   {'LPIPS weight ' + str(cfg.loss.perceptual_weight) if loss.lpips else 'off'}")

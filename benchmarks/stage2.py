@@ -60,7 +60,7 @@ class GPTCase:
         torch.manual_seed(seed)
         vqgan = VQGAN(VQGANConfig(codebook_size=self.codebook_size, embed_dim=4, ch=4, ch_mult=(1,), z_channels=4,
                                   attn_resolutions=()), in_channels=3, resolution=side)
-        config = PriorConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, class_conditional=False)
+        config = PriorConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, condition="none")
         return VQGANPrior(vqgan, config).to(device)
 
 

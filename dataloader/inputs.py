@@ -18,11 +18,15 @@ maps are read as in ``dataloader.paired``. Lowres maps are low-resolution images
 to ``image_size // lowres_factor`` and upsampled to ``image_size`` (bicubic), the form
 ``transforms.lowres_condition`` gives; a folder with ``images/`` but no ``conditions/`` derives them
 from its images. Coordinate maps are computed, never read.
+
+Conditional sampling and completion read their inputs through :func:`conditioned_inputs`: every input as
+(image, condition, label, has_image), with the condition map a prior of a given kind takes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +41,7 @@ from .errors import DatasetFormatError, DatasetNotFoundError
 from .folder import EXTENSIONS, FolderDataset, image_tensor, list_images, load_image, open_image
 from .loader import CheckedLoader
 from .paired import CONDITIONS, IMAGES, by_stem, check_sizes, condition_tensor, open_condition
-from .transforms import lowres_condition, upsample
+from .transforms import coord_map, lowres_condition, upsample
 
 OWN_TEST_SPLIT = "test"
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -208,3 +212,118 @@ def condition_folder(root: str | Path, kind: str, image_size: int, channels: int
         description = f"{len(stems)} {kind} maps in {folder}" + (f", {paired} with their images" if paired else "")
     return ConditionSet(conditions, images, stems, kind, image_size, channels, num_labels, lowres_factor,
                         description)
+
+
+class _ConditionedItems(Dataset):
+    """Items (image, condition, label, has_image) from a dataset of (image, label), (image, condition, label) or
+    (condition, image, has_image) items, deriving a low-res or coordinate condition from the image where asked."""
+
+    def __init__(self, base: Dataset, layout: str, derive: str = "none", lowres_factor: int = 1) -> None:
+        self.base, self.layout, self.derive, self.lowres_factor = base, layout, derive, lowres_factor
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        item = self.base[index]
+        if self.layout == "conditions":
+            condition, image, has_image = item
+            return image, condition, 0, bool(has_image)
+        if self.layout == "triples":
+            image, condition, label = item
+            return image, condition, label, True
+        image, label = item
+        return image, self._derived(image), label, True
+
+    def _derived(self, image: torch.Tensor) -> torch.Tensor:
+        if self.derive == "lowres":
+            return lowres_condition(image, self.lowres_factor)
+        if self.derive == "coord":
+            return coord_map(*image.shape[-2:])
+        return torch.zeros(1)  # no condition map: a placeholder that collates
+
+
+@dataclass
+class ConditionedInputs:
+    """Inputs of conditional sampling and completion: (image, condition, label, has_image) items and their names."""
+
+    dataset: Dataset
+    names: list[str]
+    description: str
+    num_classes: int
+    num_labels: int
+    num_workers: int = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         list[str]]]:
+        """(images, conditions, labels, has_image, names) in order, ``batch_size`` inputs at a time."""
+        loader = CheckedLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        for start, (images, conditions, labels, has_image) in zip(range(0, len(self), batch_size), loader):
+            yield images, conditions, labels, has_image, self.names[start:start + len(images)]
+
+
+def conditioned_inputs(spec: str, trained_on: DataConfig, kind: str, *, image_size: int, channels: int,
+                       limit: int | None = None, need_images: bool = False) -> ConditionedInputs:
+    """The inputs ``spec`` names with the condition a prior conditioned on ``kind`` takes (none, class, segmentation,
+    depth, lowres or coord): ``test`` or a YAML config (their test split, with the condition maps of ``kind``), or a
+    folder (see :func:`condition_folder`; with ``need_images`` a plain folder holds the images, whose low-res or
+    coordinate conditions are derived). The first ``limit`` of them when given."""
+    path = Path(spec)
+    derive = kind if kind in ("lowres", "coord") else "none"
+    factor = trained_on.lowres_factor
+    if spec == OWN_TEST_SPLIT or path.suffix.lower() in CONFIG_SUFFIXES:
+        data = trained_on if spec == OWN_TEST_SPLIT else _config_data(path)
+        if kind in ("segmentation", "depth", "lowres", "coord") and data.condition != kind:
+            raise ConfigError(f"{spec}: its data gives {data.condition} condition maps, but the prior is conditioned "
+                              f"on {kind}; pass data with data.condition={kind}.")
+        data = dataclasses.replace(data, image_size=image_size, channels=channels, content="images")
+        base = build_dataset(data, "test", augment=False)
+        layout = "pairs" if data.condition == "none" else "triples"
+        items = _ConditionedItems(base, layout, "none", factor)
+        where = "test split of the training data" if spec == OWN_TEST_SPLIT else f"test split of {path}"
+        names = [f"{i:06d}" for i in range(len(base))]
+        inputs = ConditionedInputs(items, names, f"{where} ({data.name})", num_classes_of(base), data.num_labels,
+                                   data.num_workers)
+    elif path.is_file():
+        raise DatasetNotFoundError(f"input '{path}' is a file but not a YAML config. Pass a folder, a YAML config "
+                                   f"(.yaml) or 'test' (the checkpoint's own test split).")
+    elif kind in ("segmentation", "depth") or (kind == "lowres" and not (need_images and _plain(path))):
+        found = condition_folder(path, kind, image_size, channels, trained_on.num_labels, factor)
+        if need_images:
+            _check_images(found, path)
+        inputs = ConditionedInputs(_ConditionedItems(found, "conditions"), list(found.stems), found.description, 0,
+                                   trained_on.num_labels)
+    else:
+        if kind == "coord" and not need_images:
+            raise DatasetFormatError("coordinate conditions are computed, not read from files: sample without "
+                                     "--condition.")
+        images = folder_images(path, image_size, channels)
+        names = [str(p.relative_to(path).with_suffix("")) for p in images.paths]
+        inputs = ConditionedInputs(_ConditionedItems(images, "pairs", derive, factor), names, f"folder {path}", 0,
+                                   trained_on.num_labels)
+    if limit is not None and limit < len(inputs):
+        inputs.dataset, inputs.names = Subset(inputs.dataset, range(limit)), inputs.names[:limit]
+        inputs.description += f", first {limit}"
+    return inputs
+
+
+def _config_data(path: Path) -> DataConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist.")
+    return read_data_section(path)
+
+
+def _plain(root: Path) -> bool:
+    """A folder without the paired layout (no conditions/ and no images/ subfolder)."""
+    return not (root / "conditions").is_dir() and not (root / "images").is_dir()
+
+
+def _check_images(found: ConditionSet, root: Path) -> None:
+    missing = [stem for stem, image in zip(found.stems, found.images) if image is None]
+    if missing:
+        raise DatasetFormatError(f"completion needs the image of every condition, but {len(missing)} condition map(s) "
+                                 f"in '{root}' have none in '{root / 'images'}': {', '.join(missing[:5])}"
+                                 f"{' ...' if len(missing) > 5 else ''}. Add the images, or remove those maps.")

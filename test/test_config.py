@@ -151,7 +151,7 @@ def test_validate_rejects_impossible_values():
     check(Stage1Config, ["data.channels=2"], "1 or 3")
     check(Stage2Config, ["transformer.n_embd=30", "transformer.n_head=4"], "divisible")
     check(Stage2Config, ["transformer.pkeep=1.5"], "pkeep")
-    check(Stage2Config, ["transformer.class_dropout=1"], r"transformer.class_dropout must be in \[0, 1\)")
+    check(Stage2Config, ["transformer.condition_dropout=1"], r"transformer.condition_dropout must be in \[0, 1\)")
     assert load_config(Stage2Config, None).validate() == []
 
 

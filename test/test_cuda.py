@@ -212,7 +212,7 @@ def test_stage1_steps_between_log_steps_do_not_synchronise(tmp_path: Path) -> No
 
 def test_stage2_steps_do_not_synchronise() -> None:
     torch.manual_seed(0)
-    config = PriorConfig(n_layer=2, n_head=2, n_embd=32, class_conditional=True, class_dropout=0.1, pkeep=0.9)
+    config = PriorConfig(n_layer=2, n_head=2, n_embd=32, condition="class", condition_dropout=0.1, pkeep=0.9)
     prior = VQGANPrior(tiny_vqgan(), config, num_classes=10).to(CUDA).train()
     optimizer = make_adam(prior.param_groups(0.01), 1e-3, (0.9, 0.95), 0.0, CUDA)
     ema = ModelEMA(prior.gpt, 0.9)

@@ -282,22 +282,22 @@ def test_a_file_name_that_is_not_utf8_keys_the_token_cache(stage1: Path, tmp_pat
     images = image_folder(tmp_path / "images", count=3)
     os.rename(images / "01.png", os.fsencode(images) + b"/caf\xe9.png")  # Latin-1 bytes, invalid as UTF-8
     data = DataConfig(name="folder", root=str(images), image_size=16)
-    assert train_transformer.token_cache_name(stage1, data, "train") == train_transformer.token_cache_name(
-        stage1, data, "train")
+    assert train_transformer.token_cache_name([stage1], data, "train") == train_transformer.token_cache_name(
+        [stage1], data, "train")
 
 
 def test_token_cache_key_follows_the_folder_contents(stage1: Path, tmp_path: Path) -> None:
     images = image_folder(tmp_path / "images", count=3)
     data = DataConfig(name="folder", root=str(images), image_size=16)
-    key = train_transformer.token_cache_name(stage1, data, "train")
-    assert train_transformer.token_cache_name(stage1, data, "train") == key
+    key = train_transformer.token_cache_name([stage1], data, "train")
+    assert train_transformer.token_cache_name([stage1], data, "train") == key
     picture = images / "01.png"
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(picture)
     os.utime(picture, ns=(time.time_ns(), time.time_ns() + 10**9))
-    changed = train_transformer.token_cache_name(stage1, data, "train")
+    changed = train_transformer.token_cache_name([stage1], data, "train")
     assert changed != key
     picture.rename(images / "09.png")
-    assert train_transformer.token_cache_name(stage1, data, "train") not in (key, changed)
+    assert train_transformer.token_cache_name([stage1], data, "train") not in (key, changed)
 
 
 # ------------------------------------------------------------------------------------------- run folder

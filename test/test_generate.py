@@ -48,7 +48,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
         config = str(write_config(folder, "prior", STAGE2))
         train_transformer.main(["--config", config, "--vqgan", str(stage1), "--run-dir", "s2"])
         train_transformer.main(["--config", config, "--vqgan", str(stage1), "--run-dir", "s2u",
-                                "transformer.class_conditional=false"])
+                                "transformer.condition=none"])
     return Checkpoints(stage1, folder / "s1", folder / "s2" / "checkpoints" / "last.pt",
                        folder / "s2u" / "checkpoints" / "last.pt")
 
@@ -264,7 +264,7 @@ def test_clean_errors(case: str, ckpts: Checkpoints, tmp_path: Path, capsys: pyt
         "class_out_of_range": (["sample", "--checkpoint", ckpts.prior, "--class", 3, 10], "class id 10 is out"),
         "class_to_unconditional": (["sample", "--checkpoint", ckpts.unconditional, "--class", 1], "unconditional"),
         "cfg_on_unconditional": (["sample", "--checkpoint", ckpts.unconditional, "--cfg-scale", 2],
-                                 "class-conditional"),
+                                 "needs a conditional prior"),
         "missing_folder": (["reconstruct", "--checkpoint", ckpts.stage1, "--input", tmp_path / "nope"],
                            "does not exist"),
         "missing_inception": (["reconstruct", "--checkpoint", ckpts.stage1, "--input", "test", "--fid",

@@ -53,7 +53,7 @@ def test_stage1_overfits_a_fixed_batch(disc_start: int) -> None:
 
 def test_stage2_overfits_a_fixed_token_set() -> None:
     torch.manual_seed(0)
-    config = PriorConfig(n_layer=2, n_head=2, n_embd=32, class_conditional=True, class_dropout=0.0)
+    config = PriorConfig(n_layer=2, n_head=2, n_embd=32, condition="class", condition_dropout=0.0)
     prior = VQGANPrior(tiny_vqgan(), config, num_classes=4).train()
     optimizer = make_adam(prior.param_groups(0.0), 3e-3, (0.9, 0.95), 0.0, CPU)
     indices = torch.randint(16, (4, 64), generator=torch.Generator().manual_seed(0))

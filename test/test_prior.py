@@ -33,12 +33,12 @@ def tiny_prior(num_classes: int = 0, codebook_size: int | None = None, latent_si
                **options) -> VQGANPrior:
     """An unconditional 2 x 32 prior unless ``options`` (fields of :class:`PriorConfig`) say otherwise."""
     torch.manual_seed(0)
-    config = PriorConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "class_conditional": False, **options})
+    config = PriorConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "condition": "none", **options})
     return VQGANPrior(FakeVQGAN(), config, num_classes, codebook_size=codebook_size, latent_size=latent_size)
 
 
 def test_token_layout_conditional():
-    prior = tiny_prior(class_conditional=True, num_classes=5)
+    prior = tiny_prior(condition="class", num_classes=5)
     assert prior.null_token == K + 5
     assert prior.gpt.vocab_size == K + 6 and prior.gpt.out_vocab_size == K and prior.gpt.block_size == H * W
     prefix = prior.prefix_tokens(torch.arange(5), 5)
@@ -97,16 +97,16 @@ def test_pkeep_half_keeps_about_half_and_only_in_training():
 def test_class_dropout():
     labels = torch.arange(4).repeat(50)
     indices = torch.randint(K, (200, H, W))
-    always = tiny_prior(class_conditional=True, num_classes=4, class_dropout=1.0).train()
+    always = tiny_prior(condition="class", num_classes=4, condition_dropout=1.0).train()
     assert (always.make_inputs(indices, labels)[0][:, 0] == always.null_token).all()
     assert torch.equal(always.eval().make_inputs(indices, labels)[0][:, 0], labels + K)
-    half = tiny_prior(class_conditional=True, num_classes=4, class_dropout=0.5).train()
+    half = tiny_prior(condition="class", num_classes=4, condition_dropout=0.5).train()
     dropped = (half.make_inputs(indices, labels)[0][:, 0] == half.null_token).float().mean()
     assert 0.35 < dropped < 0.65
 
 
 def test_bad_labels_and_shapes():
-    cond = tiny_prior(class_conditional=True, num_classes=4)
+    cond = tiny_prior(condition="class", num_classes=4)
     indices = torch.randint(K, (2, H * W))
     with pytest.raises(ValueError, match="class id 4 is out of range.*0..3"):
         cond.check_labels(torch.tensor([0, 4]))
@@ -122,7 +122,7 @@ def test_bad_labels_and_shapes():
 
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="num_classes"):
-        tiny_prior(class_conditional=True)
+        tiny_prior(condition="class")
     with pytest.raises(ValueError, match="17 codes"):
         tiny_prior(codebook_size=17)
     with pytest.raises(ValueError, match="latents"):
@@ -130,7 +130,7 @@ def test_bad_constructor_arguments():
 
 
 def test_config_rebuilds_the_prior():
-    prior = tiny_prior(class_conditional=True, num_classes=3, positions="rotary", pkeep=0.9)
+    prior = tiny_prior(condition="class", num_classes=3, positions="rotary", pkeep=0.9)
     config = prior.prior_config
     assert config["codebook_size"] == K and config["latent_size"] == [H, W] and config["num_classes"] == 3
     rebuilt = VQGANPrior.from_prior_config(FakeVQGAN(), config)
@@ -141,7 +141,7 @@ def test_config_rebuilds_the_prior():
 
 
 def test_overfits_a_handful_of_sequences():
-    prior = tiny_prior(class_conditional=True, num_classes=4, class_dropout=0.0).train()
+    prior = tiny_prior(condition="class", num_classes=4, condition_dropout=0.0).train()
     indices = torch.randint(K, (4, H * W))
     labels = torch.arange(4)
     opt = torch.optim.AdamW(prior.param_groups(0.0), lr=1e-2)
@@ -156,7 +156,7 @@ def test_overfits_a_handful_of_sequences():
 
 
 def test_sample_shapes_batches_and_determinism():
-    prior = tiny_prior(class_conditional=True, num_classes=3).train()
+    prior = tiny_prior(condition="class", num_classes=3).train()
     indices, images = prior.sample(5, [0, 1, 2, 0, 1], top_k=4, cfg_scale=2.0, batch_size=2,
                                    generator=torch.Generator().manual_seed(0))
     assert indices.shape == (5, H, W) and images.shape == (5, 1, 4 * H, 4 * W)
@@ -176,13 +176,13 @@ def test_unconditional_sampling():
 
 
 def test_sample_errors_name_the_fix():
-    cond = tiny_prior(class_conditional=True, num_classes=3)
+    cond = tiny_prior(condition="class", num_classes=3)
     with pytest.raises(ValueError, match="class id 3 is out of range.*0..2"):
         cond.sample(2, [0, 3])
     with pytest.raises(ValueError, match="2 samples"):
         cond.sample(2, [0, 1, 2])
     uncond = tiny_prior()
-    with pytest.raises(ValueError, match="unconditional.*drop the class"):
+    with pytest.raises(ValueError, match="unconditional.*takes no condition; drop it"):
         uncond.sample(2, 1)
     with pytest.raises(ValueError, match="cfg_scale=3.0.*cfg_scale=1"):
         uncond.sample(2, cfg_scale=3.0)

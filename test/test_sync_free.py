@@ -141,7 +141,7 @@ class NaNLoss(nn.Module):
 
 def test_stage2_step_without_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    prior = VQGANPrior(tiny_vqgan(), PriorConfig(n_layer=1, n_head=2, n_embd=16, class_conditional=False)).train()
+    prior = VQGANPrior(tiny_vqgan(), PriorConfig(n_layer=1, n_head=2, n_embd=16, condition="none")).train()
     opt, ema = adam(prior.gpt), ModelEMA(prior.gpt, 0.9)
     indices = torch.randint(16, (2, 64), generator=torch.Generator().manual_seed(0))
     with no_host_reads(monkeypatch):

@@ -111,15 +111,16 @@ def test_weight_ema_is_kept_saved_and_used_for_sampling(config: Path, workdir: P
 def test_cache_key_follows_the_checkpoint_and_the_images(stage1: Path, tmp_path: Path) -> None:
     cache_path = train_transformer.token_cache_name
     data = DataConfig(name="builtin", image_size=16, num_samples=64)
-    key = cache_path(stage1, data, "train")
+    key = cache_path([stage1], data, "train")
     other = tmp_path / "other.pt"
     state = load_plain(stage1)
     state["model"]["decoder.conv_out.bias"] += 1
     torch.save(state, other)
-    assert cache_path(other, data, "train") != key
-    assert cache_path(stage1, DataConfig(name="builtin", image_size=16, num_samples=65), "train") != key
-    assert cache_path(stage1, data, "test") != key
-    assert cache_path(stage1, DataConfig(name="builtin", image_size=16, num_samples=64, num_workers=7), "train") == key
+    assert cache_path([other], data, "train") != key
+    assert cache_path([stage1], DataConfig(name="builtin", image_size=16, num_samples=65), "train") != key
+    assert cache_path([stage1], data, "test") != key
+    same = DataConfig(name="builtin", image_size=16, num_samples=64, num_workers=7)
+    assert cache_path([stage1], same, "train") == key
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(config: Path, workdir: Path, stage1: Path,
@@ -195,7 +196,7 @@ def test_data_settings_must_match_stage1(config: Path, workdir: Path, stage1: Pa
 def test_unconditional_data_with_class_conditional_prior(config: Path, workdir: Path, stage1: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     err = fails(config, workdir / "run", stage1, capsys, "data.num_classes=1")
-    assert "transformer.class_conditional=false" in err
+    assert "transformer.condition=none" in err
 
 
 def test_resume_with_another_vqgan_is_refused(config: Path, workdir: Path, stage1: Path,

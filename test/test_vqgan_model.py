@@ -142,7 +142,7 @@ def test_indices_round_trip_equals_forward(options) -> None:
 def test_model_config_rebuilds_the_model_and_old_configs_are_refused_clearly() -> None:
     model = VQGAN(VQGANConfig(), in_channels=1, resolution=32)
     assert set(model.model_config) == {f.name for f in dataclasses.fields(VQGANConfig)} | {"in_channels",
-                                                                                          "resolution"}
+                                                                                          "resolution", "num_labels"}
     rebuilt = VQGAN.from_model_config(model.model_config)
     rebuilt.load_state_dict(model.state_dict())
     assert model.codebook_size == VQGANConfig().codebook_size

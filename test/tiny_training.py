@@ -26,7 +26,7 @@ STAGE1 = {
 
 STAGE2 = {
     "data": dict(STAGE1["data"]),
-    "transformer": {"n_layer": 1, "n_head": 2, "n_embd": 16, "class_conditional": True, "class_dropout": 0.2,
+    "transformer": {"n_layer": 1, "n_head": 2, "n_embd": 16, "condition": "class", "condition_dropout": 0.2,
                     "pkeep": 0.8},
     "train": {"batch_size": 4, "max_steps": 4, "lr": 1e-3, "log_every": 1, "sample_every": 0, "ckpt_every": 0,
               "num_sample_images": 4, "device": "cpu"},

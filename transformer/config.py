@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from transformer.conditions import MAP_KINDS
 from transformer.prior import PriorConfig
 from transformer.sampling import SamplingConfig
 from utils.config import (
+    ConfigError,
     DataConfig,
     TrainConfig,
     check,
@@ -40,13 +42,29 @@ class Stage2Config:
         check(t.n_embd % t.n_head == 0,
               f"transformer.n_embd={t.n_embd} must be divisible by transformer.n_head={t.n_head}.")
         check(0 <= t.pkeep <= 1, f"transformer.pkeep must be in [0, 1], got {t.pkeep}.")
-        check(0 <= t.class_dropout < 1, f"transformer.class_dropout must be in [0, 1), got {t.class_dropout}.")
+        check_fraction("transformer.condition_dropout", t.condition_dropout, 0.1)
+        check_value("transformer.coord_levels", t.coord_levels, t.coord_levels >= 2, "at least 2", 256)
+        self._validate_condition()
         head = t.n_embd // t.n_head
         check(t.positions != "rotary" or head % 2 == 0,
               f"transformer.positions=rotary needs an even head size, but transformer.n_embd={t.n_embd} / "
               f"transformer.n_head={t.n_head} = {head}; e.g. transformer.n_embd={t.n_head * (head + 1)}.")
         check_sampling(self.sample)
         return []
+
+    def _validate_condition(self) -> None:
+        """The data must give the condition the prior is conditioned on."""
+        kind, data = self.transformer.condition, self.data
+        check(data.content == "images", f"data.content={data.content}, but a prior is trained on the images' codes "
+                                        f"(and data.condition for their conditions). Set data.content=images.")
+        if kind in (*MAP_KINDS, "coord"):
+            check(data.condition == kind,
+                  f"transformer.condition={kind} needs the data to give {kind} maps: set data.condition={kind} "
+                  f"(it is {data.condition}).")
+        elif data.condition != "none":
+            raise ConfigError(f"data.condition={data.condition} gives condition maps, but transformer.condition="
+                              f"{kind} does not use them. Set transformer.condition={data.condition}, or "
+                              f"data.condition=none.")
 
 
 def check_sampling(s: SamplingConfig, names: dict[str, str] | None = None) -> None:

@@ -32,6 +32,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """[B,1,H,W] grayscale repeated to [B,3,H,W]; RGB images as they are (so both can share a grid)."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def label_pictures(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Label maps [B,1,H,W] -> RGB pictures [B,3,H,W] in [-1,1]: black for label 0 (background), and a fixed,
+    well-spread hue (golden-ratio steps around the colour wheel) for every other label."""
+    hues = (torch.arange(num_labels, dtype=torch.float32) * 0.618034) % 1.0
+    sector = hues[:, None] * 6 - torch.tensor([5.0, 3.0, 1.0])  # hue -> RGB at full saturation and value
+    palette = (1 - (sector % 6 - 3).abs().sub(1).clamp(0, 1)) * 0.85 + 0.15
+    palette[0] = 0.0
+    colours = palette.to(labels.device)[labels[:, 0].long()]  # [B,H,W,3]
+    return colours.permute(0, 3, 1, 2).mul(2).sub(1)
+
+
 def image_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
     """Tile a batch of [-1,1] images into ``nrow`` columns with white padding."""
     pixels = to_uint8(images)
@@ -122,15 +138,18 @@ def plot_token_maps(images: torch.Tensor, indices: torch.Tensor, codebook_size: 
     plt.close(fig)
 
 
-def save_images(images: torch.Tensor, folder: str | Path, start: int = 0) -> list[Path]:
-    """Save each [-1,1] image at its own resolution as ``folder/{start + i:06d}.png`` (grayscale stays 'L')."""
+def save_images(images: torch.Tensor, folder: str | Path, start: int = 0,
+                names: Sequence[str] | None = None) -> list[Path]:
+    """Save each [-1,1] image at its own resolution as ``folder/{start + i:06d}.png``, or as ``folder/NAME.png``
+    for the given ``names`` (relative paths without the extension; grayscale stays 'L')."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(images)
     grayscale = images.shape[1] == 1
     paths = []
     for i, image in enumerate(pixels):
-        path = folder / f"{start + i:06d}.png"
+        path = folder / f"{names[i] if names is not None else f'{start + i:06d}'}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image[:, :, 0] if grayscale else image).save(path)
         paths.append(path)
     return paths

@@ -14,6 +14,7 @@ from utils.config import (
     check_counts,
     check_fraction,
     check_value,
+    input_channels,
     option,
     validate_data_and_train,
 )
@@ -68,6 +69,7 @@ class Stage1Config:
         check(patch >= 1, f"disc.n_layers={self.disc.n_layers} is too deep for data.image_size={self.data.image_size}: "
                           f"the discriminator's logit map would be {patch}x{patch}. Use fewer layers, "
                           f"e.g. disc.n_layers={self._deepest_disc()}, or larger images.")
+        self._validate_labels()
         warnings = []
         if self.loss.disc_weight > 0 and self.loss.disc_start >= self.train.max_steps:
             warnings.append(f"loss.disc_start={self.loss.disc_start} is not below train.max_steps="
@@ -106,6 +108,22 @@ class Stage1Config:
         disc_lr = self.train.disc_lr
         check_value("train.disc_lr", disc_lr, disc_lr is None or disc_lr > 0, "null (= train.lr) or positive", 2e-4)
 
+    def _validate_labels(self) -> None:
+        """A segmentation tokenizer (label maps in, label logits out) trains on cross-entropy alone."""
+        labels = segmentation_labels(self.data)
+        if not labels:
+            check(self.loss.rec_loss != "cross_entropy",
+                  "loss.rec_loss=cross_entropy is for segmentation tokenizers (data.content=conditions with "
+                  "data.condition=segmentation); use l1 or l2 for images.")
+            return
+        check(self.loss.rec_loss == "cross_entropy",
+              f"a segmentation tokenizer predicts one of {labels} labels per pixel: set loss.rec_loss=cross_entropy "
+              f"(it is {self.loss.rec_loss}).")
+        for key in ("perceptual_weight", "disc_weight"):
+            check(getattr(self.loss, key) == 0,
+                  f"loss.{key}={getattr(self.loss, key)}, but LPIPS and the GAN judge pictures, not label maps: set "
+                  f"loss.{key}=0 for a segmentation tokenizer.")
+
     def _deepest_disc(self) -> int:
         layers = 1
         while logit_map_size(self.data.image_size, layers + 1) >= 1:
@@ -113,9 +131,17 @@ class Stage1Config:
         return layers
 
 
+def segmentation_labels(data: DataConfig) -> int:
+    """The number of labels when the model tokenizes segmentation maps (``data.content=conditions``), else 0."""
+    return data.num_labels if data.content == "conditions" and data.condition == "segmentation" else 0
+
+
 def build_stage1(cfg: Stage1Config) -> tuple[VQGAN, Discriminator, VQGANLoss]:
-    """VQGAN, discriminator and loss exactly as the config describes them (weights from the global seed)."""
+    """VQGAN, discriminator and loss exactly as the config describes them (weights from the global seed): an image
+    tokenizer, or a tokenizer of the condition maps with ``data.content=conditions``."""
     with building("stage-1 model"):
-        model = VQGAN(cfg.model, in_channels=cfg.data.channels, resolution=cfg.data.image_size)
-        disc = Discriminator(cfg.data.channels, cfg.disc)
+        channels = input_channels(cfg.data)
+        model = VQGAN(cfg.model, in_channels=channels, resolution=cfg.data.image_size,
+                      num_labels=segmentation_labels(cfg.data))
+        disc = Discriminator(channels, cfg.disc)
         return model, disc, VQGANLoss(cfg.loss)

@@ -22,8 +22,15 @@ from vqgan.lpips import LPIPS
 ADAPTIVE_EPS = 1e-4
 
 
+REC_LOSSES = ("l1", "l2", "cross_entropy")
+
+
 def reconstruction_loss(inputs: torch.Tensor, reconstruction: torch.Tensor, kind: str = "l1") -> torch.Tensor:
-    """Mean absolute (``l1``) or squared (``l2``) pixel error, computed in fp32."""
+    """Mean absolute (``l1``) or squared (``l2``) pixel error, or for a segmentation tokenizer
+    (``cross_entropy``) the mean cross-entropy of the label logits [B, L, H, W] against the label maps
+    ``inputs`` [B, 1, H, W]; computed in fp32."""
+    if kind == "cross_entropy":
+        return F.cross_entropy(reconstruction.float(), inputs[:, 0].long())
     diff = inputs.float() - reconstruction.float()
     return diff.abs().mean() if kind == "l1" else diff.square().mean()
 
@@ -86,7 +93,8 @@ def _no_param_grads(module: nn.Module) -> Iterator[None]:
 class LossConfig:
     """The ``loss`` config section."""
 
-    rec_loss: Literal["l1", "l2"] = option("l1", "pixel reconstruction loss")
+    rec_loss: Literal["l1", "l2", "cross_entropy"] = option(
+        "l1", "reconstruction loss: l1 or l2 on pixels, cross_entropy on the labels of a segmentation tokenizer")
     rec_weight: float = option(1.0, "weight of the pixel reconstruction loss")
     perceptual_weight: float = option(1.0, "weight of the LPIPS loss (0 = off; needs VGG16 + LPIPS weights)")
     codebook_weight: float = option(1.0, "weight of the codebook + commitment loss")
@@ -137,8 +145,8 @@ class VQGANLoss(nn.Module):
 
     def __init__(self, config: LossConfig) -> None:
         super().__init__()
-        if config.rec_loss not in ("l1", "l2"):
-            raise ValueError(f"rec_loss must be 'l1' or 'l2', got {config.rec_loss!r}.")
+        if config.rec_loss not in REC_LOSSES:
+            raise ValueError(f"rec_loss must be one of {', '.join(REC_LOSSES)}, got {config.rec_loss!r}.")
         if config.disc_loss not in GAN_LOSSES:
             raise ValueError(f"disc_loss must be one of {', '.join(GAN_LOSSES)}, got {config.disc_loss!r}.")
         self.rec_loss = config.rec_loss
