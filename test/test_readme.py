@@ -104,7 +104,8 @@ def _stand_in_run(checkpoint: str, workdir: Path) -> str:
     if (workdir / checkpoint).exists() or not checkpoint.startswith("runs/"):
         return checkpoint
     run, rest = checkpoint.removeprefix("runs/").split("/", 1)
-    stand_in = "quickstart_transformer" if run.endswith("_transformer") else "quickstart"
+    stand_in = "quickstart_segmentation" if "segmentation" in run else "quickstart"
+    stand_in += "_transformer" if run.endswith("_transformer") else "_vqgan" if "segmentation" in run else ""
     return f"runs/{stand_in}/{rest}"
 
 
@@ -120,7 +121,18 @@ def _quick_generate(command: list[str], workdir: Path) -> list[str]:
     if "--num" in quick:
         i = quick.index("--num") + 1
         quick[i] = str(min(int(quick[i]), QUICK_SAMPLES))
+    if "--condition" in quick and not (workdir / quick[quick.index("--condition") + 1]).exists():
+        quick[quick.index("--condition") + 1] = "test"  # a user's folder of maps: the held-out maps instead
     return quick
+
+
+# The quickstart configs run in their quick form; the segmentation ones keep their own loss and condition.
+QUICK_STAGE1 = {"configs/quickstart.yaml": STAGE1,
+                "configs/quickstart_segmentation_vqgan.yaml": {k: STAGE1[k] for k in ("data", "model", "disc", "train")}}
+QUICK_STAGE2 = {"configs/quickstart_transformer.yaml": {**STAGE2, "data": STAGE1["data"]},
+                "configs/quickstart_segmentation_transformer.yaml": {
+                    "data": STAGE1["data"], "train": STAGE2["train"],
+                    "transformer": {k: v for k, v in STAGE2["transformer"].items() if k.startswith("n_")}}}
 
 
 def _quick(command: list[str], workdir: Path) -> list[str] | None:
@@ -128,10 +140,9 @@ def _quick(command: list[str], workdir: Path) -> list[str] | None:
     script = command[1] if command[0] == "python" else None
     config = command[command.index("--config") + 1] if "--config" in command else None
     if script == "train_vqgan.py":
-        return command + _overrides(STAGE1) if config == "configs/quickstart.yaml" else None
+        return command + _overrides(QUICK_STAGE1[config]) if config in QUICK_STAGE1 else None
     if script == "train_transformer.py":
-        quick = config == "configs/quickstart_transformer.yaml"
-        return command + _overrides({**STAGE2, "data": STAGE1["data"]}) if quick else None
+        return command + _overrides(QUICK_STAGE2[config]) if config in QUICK_STAGE2 else None
     if script == "generate.py":
         return _quick_generate(command, workdir)
     return None
