@@ -56,15 +56,22 @@ def upsample(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return resized[0].clamp_(-1.0, 1.0)
 
 
-def lowres_condition(image: torch.Tensor, factor: int) -> torch.Tensor:
-    """The [C,H,W] image at 1/``factor`` of its size (bicubic, antialiased), upsampled back to H x W (bicubic)."""
+def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """The [C,H,W] or [N,C,H,W] image at 1/``factor`` of its size (bicubic, antialiased, not clamped)."""
     height, width = image.shape[-2:]
     if factor < 1 or height % factor or width % factor:
-        raise ValueError(f"lowres_condition needs image sides divisible by the factor, got {height}x{width} and "
+        raise ValueError(f"a low-res copy needs image sides divisible by the factor, got {height}x{width} and "
                          f"factor {factor}.")
-    small = F.interpolate(image[None], size=(height // factor, width // factor), mode="bicubic",
-                          align_corners=False, antialias=True)[0]
-    return upsample(small, height, width)
+    batch = image if image.dim() == 4 else image[None]
+    small = F.interpolate(batch, size=(height // factor, width // factor), mode="bicubic", align_corners=False,
+                          antialias=True)
+    return small if image.dim() == 4 else small[0]
+
+
+def lowres_condition(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """The [C,H,W] image at 1/``factor`` of its size (``downsample``), upsampled back to H x W (bicubic)."""
+    height, width = image.shape[-2:]
+    return upsample(downsample(image, factor), height, width)
 
 
 def coord_map(height: int, width: int) -> torch.Tensor:
