@@ -36,6 +36,7 @@ from torch.utils.data import Dataset, Subset
 
 from utils.config import ConfigError, DataConfig, from_dict, parse_yaml
 
+from .conditions import ImagesOnly
 from .datasets import build_dataset, num_classes_of
 from .errors import DatasetFormatError, DatasetNotFoundError
 from .folder import EXTENSIONS, FolderDataset, image_tensor, list_images, load_image, open_image
@@ -106,14 +107,12 @@ def resolve_images(spec: str, trained_on: DataConfig, *, image_size: int, channe
     path = Path(spec)
     if spec == OWN_TEST_SPLIT:
         data = dataclasses.replace(trained_on, image_size=image_size, channels=channels)
-        image_set = ImageSet(build_dataset(data, "test", augment=False),
-                             f"test split of the training data ({data.name})", data.num_workers)
+        image_set = ImageSet(_test_images(data), f"test split of the training data ({data.name})", data.num_workers)
     elif path.suffix.lower() in CONFIG_SUFFIXES:
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist.")
         data = dataclasses.replace(read_data_section(path), image_size=image_size, channels=channels)
-        image_set = ImageSet(build_dataset(data, "test", augment=False), f"test split of {path} ({data.name})",
-                             data.num_workers)
+        image_set = ImageSet(_test_images(data), f"test split of {path} ({data.name})", data.num_workers)
     elif path.is_file():
         raise DatasetNotFoundError(f"input '{path}' is a file but not a YAML config. Pass a folder of images, "
                                    f"a YAML config (.yaml) or 'test' (the checkpoint's own test split).")
@@ -123,6 +122,12 @@ def resolve_images(spec: str, trained_on: DataConfig, *, image_size: int, channe
         image_set.dataset = Subset(image_set.dataset, range(limit))
         image_set.description += f", first {limit} images"
     return image_set
+
+
+def _test_images(data: DataConfig) -> Dataset:
+    """The test split of ``data`` as (image, label) items: without the condition maps that come with its images."""
+    dataset = build_dataset(data, "test", augment=False)
+    return ImagesOnly(dataset) if data.condition != "none" and data.content == "images" else dataset
 
 
 class ConditionSet(Dataset):
