@@ -475,7 +475,10 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     images = input_images(args.input, vqgan, state, args.num)
     loader = images.loader(args.batch_size)
     written = tokenizer_pictures(vqgan, tqdm(loader, desc="encoding", dynamic_ncols=True), device, out)
-    if prior is not None:
+    if prior is not None and prior.condition.kind in MAP_KINDS:
+        print(f"note: this prior samples from {prior.condition.kind} maps; draw its samples with generate.py sample "
+              f"--condition test (or a folder of maps).")
+    elif prior is not None:
         generator = torch.Generator(device).manual_seed(args.seed)
         written.append(prior_samples_picture(prior, out, args.per_class, generator,
                                              **sampling_settings(prior, state, args)))
