@@ -211,7 +211,16 @@ def load_any(path: str, device: torch.device) -> tuple[VQGAN, VQGANPrior | None,
     return VQGAN.from_checkpoint(state, path).to(device), None, state
 
 
+def check_reads_images(vqgan: VQGAN) -> None:
+    """Commands that read or write images need a tokenizer of images (or of image-like maps), not of label maps."""
+    if vqgan.num_labels:
+        raise UsageError(f"this checkpoint tokenizes segmentation maps of {vqgan.num_labels} labels, not images, so "
+                         f"it cannot reconstruct, tokenize or decode pictures. Pass an image VQGAN; a segmentation "
+                         f"tokenizer is used through a prior (train_transformer.py --cond-vqgan).")
+
+
 def input_images(spec: str, vqgan: VQGAN, state: dict, limit: int | None = None) -> ImageSet:
+    check_reads_images(vqgan)
     return resolve_images(spec, data_config_of(state["config"]), limit=limit, **image_shape(vqgan))
 
 
@@ -446,6 +455,7 @@ def decode_tokens(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     out = output_folder(args.out)
     vqgan, _ = load_vqgan(args.checkpoint, device)
+    check_reads_images(vqgan)
     indices = read_tokens(Path(args.input), vqgan)[:args.num]
     shown: list[torch.Tensor] = []
     batches = decode_batches(vqgan, indices, args.batch_size, device)
