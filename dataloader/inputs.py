@@ -17,7 +17,8 @@ there is one; otherwise every image file under ``ROOT``, without real images. Se
 maps are read as in ``dataloader.paired``. Lowres maps are low-resolution images of any size, cropped
 to ``image_size // lowres_factor`` and upsampled to ``image_size`` (bicubic), the form
 ``transforms.lowres_condition`` gives; a folder with ``images/`` but no ``conditions/`` derives them
-from its images. Coordinate maps are computed, never read.
+from its images (for segmentation and depth such a folder is an error). Coordinate maps are computed, never
+read.
 
 Conditional sampling and completion read their inputs through :func:`conditioned_inputs`: every input as
 (image, condition, label, has_image), with the condition map a prior of a given kind takes.
@@ -203,6 +204,10 @@ def condition_folder(root: str | Path, kind: str, image_size: int, channels: int
     elif kind == "lowres" and real:
         stems = sorted(real)
         conditions, images, folder = [None] * len(stems), [real[s] for s in stems], images_dir
+    elif images_dir.is_dir():
+        raise DatasetNotFoundError(f"'{root}' has an images/ folder but no conditions/ folder, so it has no {kind} "
+                                   f"maps: put the map of each image in {conditions_dir}/NAME.png (or pass a folder "
+                                   f"of maps alone).")
     else:
         found = by_stem(list_images(root), root)
         stems = sorted(found)
