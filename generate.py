@@ -211,7 +211,16 @@ def load_any(path: str, device: torch.device) -> tuple[VQGAN, VQGANPrior | None,
     return VQGAN.from_checkpoint(state, path).to(device), None, state
 
 
+def check_reads_images(vqgan: VQGAN) -> None:
+    """Commands that read or write images need a tokenizer of images (or of image-like maps), not of label maps."""
+    if vqgan.num_labels:
+        raise UsageError(f"this checkpoint tokenizes segmentation maps of {vqgan.num_labels} labels, not images, so "
+                         f"it cannot reconstruct, tokenize or decode pictures. Pass an image VQGAN; a segmentation "
+                         f"tokenizer is used through a prior (train_transformer.py --cond-vqgan).")
+
+
 def input_images(spec: str, vqgan: VQGAN, state: dict, limit: int | None = None) -> ImageSet:
+    check_reads_images(vqgan)
     return resolve_images(spec, data_config_of(state["config"]), limit=limit, **image_shape(vqgan))
 
 
@@ -446,6 +455,7 @@ def decode_tokens(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     out = output_folder(args.out)
     vqgan, _ = load_vqgan(args.checkpoint, device)
+    check_reads_images(vqgan)
     indices = read_tokens(Path(args.input), vqgan)[:args.num]
     shown: list[torch.Tensor] = []
     batches = decode_batches(vqgan, indices, args.batch_size, device)
@@ -475,7 +485,10 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     images = input_images(args.input, vqgan, state, args.num)
     loader = images.loader(args.batch_size)
     written = tokenizer_pictures(vqgan, tqdm(loader, desc="encoding", dynamic_ncols=True), device, out)
-    if prior is not None:
+    if prior is not None and prior.condition.kind in MAP_KINDS:
+        print(f"note: this prior samples from {prior.condition.kind} maps; draw its samples with generate.py sample "
+              f"--condition test (or a folder of maps).")
+    elif prior is not None:
         generator = torch.Generator(device).manual_seed(args.seed)
         written.append(prior_samples_picture(prior, out, args.per_class, generator,
                                              **sampling_settings(prior, state, args)))

@@ -1,4 +1,5 @@
-"""Condition maps computed from the images themselves, and the view of a dataset that yields only its maps."""
+"""Condition maps computed from the images themselves, and the views of a dataset that yield only its maps or only
+its images."""
 
 from typing import Literal
 
@@ -54,3 +55,21 @@ class ConditionsOnly(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         _, condition, label = self.dataset[index]
         return condition, label
+
+
+class ImagesOnly(Dataset):
+    """Items ``(image, condition, label)`` of ``dataset`` become ``(image, label)``: the images of data with condition
+    maps, for what reads images alone (reconstructions, tokens, FID references)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __repr__(self) -> str:
+        return f"images of {self.dataset!r}"
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, _, label = self.dataset[index]
+        return image, label

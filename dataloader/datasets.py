@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Subset
 from utils.config import DataConfig, validate_data
 
 from .builtin import ShapesDataset
-from .conditions import ConditionsOnly, DerivedConditions
+from .conditions import ConditionsOnly, DerivedConditions, ImagesOnly
 from .errors import DatasetFormatError
 from .folder import load_folder
 from .paired import CONDITION_KINDS, has_condition_maps, load_paired
@@ -78,6 +78,6 @@ def _images(cfg: DataConfig, split: str, augment: bool) -> Dataset:
 def num_classes_of(dataset: Dataset) -> int:
     """Number of classes of a dataset built here (looking through ``Subset`` and the condition views); 0 when it
     has none."""
-    while isinstance(dataset, (Subset, DerivedConditions, ConditionsOnly)):
+    while isinstance(dataset, (Subset, DerivedConditions, ConditionsOnly, ImagesOnly)):
         dataset = dataset.dataset
     return int(getattr(dataset, "num_classes", 0))

@@ -17,7 +17,8 @@ there is one; otherwise every image file under ``ROOT``, without real images. Se
 maps are read as in ``dataloader.paired``. Lowres maps are low-resolution images of any size, cropped
 to ``image_size // lowres_factor`` and upsampled to ``image_size`` (bicubic), the form
 ``transforms.lowres_condition`` gives; a folder with ``images/`` but no ``conditions/`` derives them
-from its images. Coordinate maps are computed, never read.
+from its images (for segmentation and depth such a folder is an error). Coordinate maps are computed, never
+read.
 
 Conditional sampling and completion read their inputs through :func:`conditioned_inputs`: every input as
 (image, condition, label, has_image), with the condition map a prior of a given kind takes.
@@ -36,6 +37,7 @@ from torch.utils.data import Dataset, Subset
 
 from utils.config import ConfigError, DataConfig, from_dict, parse_yaml
 
+from .conditions import ImagesOnly
 from .datasets import build_dataset, num_classes_of
 from .errors import DatasetFormatError, DatasetNotFoundError
 from .folder import EXTENSIONS, FolderDataset, image_tensor, list_images, load_image, open_image
@@ -106,14 +108,12 @@ def resolve_images(spec: str, trained_on: DataConfig, *, image_size: int, channe
     path = Path(spec)
     if spec == OWN_TEST_SPLIT:
         data = dataclasses.replace(trained_on, image_size=image_size, channels=channels)
-        image_set = ImageSet(build_dataset(data, "test", augment=False),
-                             f"test split of the training data ({data.name})", data.num_workers)
+        image_set = ImageSet(_test_images(data), f"test split of the training data ({data.name})", data.num_workers)
     elif path.suffix.lower() in CONFIG_SUFFIXES:
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist.")
         data = dataclasses.replace(read_data_section(path), image_size=image_size, channels=channels)
-        image_set = ImageSet(build_dataset(data, "test", augment=False), f"test split of {path} ({data.name})",
-                             data.num_workers)
+        image_set = ImageSet(_test_images(data), f"test split of {path} ({data.name})", data.num_workers)
     elif path.is_file():
         raise DatasetNotFoundError(f"input '{path}' is a file but not a YAML config. Pass a folder of images, "
                                    f"a YAML config (.yaml) or 'test' (the checkpoint's own test split).")
@@ -123,6 +123,12 @@ def resolve_images(spec: str, trained_on: DataConfig, *, image_size: int, channe
         image_set.dataset = Subset(image_set.dataset, range(limit))
         image_set.description += f", first {limit} images"
     return image_set
+
+
+def _test_images(data: DataConfig) -> Dataset:
+    """The test split of ``data`` as (image, label) items: without the condition maps that come with its images."""
+    dataset = build_dataset(data, "test", augment=False)
+    return ImagesOnly(dataset) if data.condition != "none" and data.content == "images" else dataset
 
 
 class ConditionSet(Dataset):
@@ -198,6 +204,10 @@ def condition_folder(root: str | Path, kind: str, image_size: int, channels: int
     elif kind == "lowres" and real:
         stems = sorted(real)
         conditions, images, folder = [None] * len(stems), [real[s] for s in stems], images_dir
+    elif images_dir.is_dir():
+        raise DatasetNotFoundError(f"'{root}' has an images/ folder but no conditions/ folder, so it has no {kind} "
+                                   f"maps: put the map of each image in {conditions_dir}/NAME.png (or pass a folder "
+                                   f"of maps alone).")
     else:
         found = by_stem(list_images(root), root)
         stems = sorted(found)
