@@ -128,7 +128,8 @@ def _quick_generate(command: list[str], workdir: Path) -> list[str]:
 
 # The quickstart configs run in their quick form; the segmentation ones keep their own loss and condition.
 QUICK_STAGE1 = {"configs/quickstart.yaml": STAGE1,
-                "configs/quickstart_segmentation_vqgan.yaml": {k: STAGE1[k] for k in ("data", "model", "disc", "train")}}
+                "configs/quickstart_segmentation_vqgan.yaml": {
+                    k: STAGE1[k] for k in ("data", "model", "disc", "train")}}
 QUICK_STAGE2 = {"configs/quickstart_transformer.yaml": {**STAGE2, "data": STAGE1["data"]},
                 "configs/quickstart_segmentation_transformer.yaml": {
                     "data": STAGE1["data"], "train": STAGE2["train"],
