@@ -490,7 +490,9 @@ def cmd_visualize(args: argparse.Namespace) -> None:
               f"--condition test (or a folder of maps).")
     elif prior is not None:
         generator = torch.Generator(device).manual_seed(args.seed)
-        written.append(prior_samples_picture(prior, out, args.per_class, generator,
+        size = prior.vqgan.resolution  # a coordinate-conditioned prior draws whole pictures
+        coords = coord_map(size, size) if prior.condition.kind == "coord" else None
+        written.append(prior_samples_picture(prior, out, args.per_class, generator, coords,
                                              **sampling_settings(prior, state, args)))
     if metrics_csv is not None:
         curves = training_curves_picture(metrics_csv.parent, out)

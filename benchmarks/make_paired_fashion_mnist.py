@@ -3,10 +3,11 @@
     python -m benchmarks.make_paired_fashion_mnist --out DIR [--root /usr/share/datasets/fashion-mnist]
                                                    [--limit-train N] [--limit-test N]
 
-Writes ``DIR/train/images/NNNNN.png`` and ``DIR/train/conditions/NNNNN.png`` (60000 pairs), and the same under
-``DIR/test/`` (10000), numbered in the order of the idx files. An image is the 28x28 8-bit grayscale picture exactly
-as stored; its map is an 8-bit label PNG (``data.num_labels: 2``): 1 where the pixel is above
-:data:`MASK_THRESHOLD`, else 0.
+Writes ``DIR/train/images/NNNNNN.png`` and ``DIR/train/conditions/NNNNNN.png`` (60000 pairs), and the same under
+``DIR/test/`` (10000), numbered in the order of the idx files with six digits, as ``generate.py`` names the outputs
+of a test split, so samples drawn with ``--condition test`` and those drawn from this folder share their names.
+An image is the 28x28 8-bit grayscale picture exactly as stored; its map is an 8-bit label PNG
+(``data.num_labels: 2``): 1 where the pixel is above :data:`MASK_THRESHOLD`, else 0.
 
 Why 10: half the pixels of Fashion-MNIST are exactly 0 and the rest are the garment, but a rim of values 1..8
 (the scan's fringe, a few percent of pixels) surrounds it. Counted on 2000 test images, ``> 0`` gives 7.5
@@ -38,7 +39,7 @@ DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 MASK_THRESHOLD = 10  # 8-bit pixel value; the garment is what lies above it (see the module docstring)
 RECORD = "paired_fashion_mnist.json"
 SPLITS = ("train", "test")
-NAME = re.compile(r"^\d{5}\.png$")
+NAME = re.compile(r"^\d{6}\.png$")
 
 
 class FolderInUse(RuntimeError):
@@ -74,7 +75,7 @@ def claim(out: Path) -> None:
 
 
 def write_split(images: np.ndarray, folder: Path, threshold: int) -> int:
-    """Write ``folder/images/NNNNN.png`` and ``folder/conditions/NNNNN.png``; return the foreground pixel count."""
+    """Write ``folder/images/NNNNNN.png`` and ``folder/conditions/NNNNNN.png``; return the foreground pixel count."""
     image_dir, mask_dir = folder / "images", folder / "conditions"
     image_dir.mkdir(parents=True, exist_ok=True)
     mask_dir.mkdir(parents=True, exist_ok=True)
@@ -82,8 +83,8 @@ def write_split(images: np.ndarray, folder: Path, threshold: int) -> int:
     for index, pixels in enumerate(images):
         mask = garment_mask(pixels, threshold)
         foreground += int(mask.sum())
-        Image.fromarray(pixels).save(image_dir / f"{index:05d}.png")
-        Image.fromarray(mask).save(mask_dir / f"{index:05d}.png")
+        Image.fromarray(pixels).save(image_dir / f"{index:06d}.png")
+        Image.fromarray(mask).save(mask_dir / f"{index:06d}.png")
     for directory in (image_dir, mask_dir):  # numbered pairs beyond this run's count, from an earlier larger run
         for path in directory.iterdir():
             if NAME.match(path.name) and int(path.stem) >= len(images):

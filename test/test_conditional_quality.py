@@ -69,10 +69,10 @@ def test_pair_writer_keeps_the_images_and_thresholds_the_masks(tmp_path: Path, i
     assert (record["train"]["pairs"], record["test"]["pairs"], record["threshold"]) == (5, TEST, MASK_THRESHOLD)
     for split, images in (("train", garments(TRAIN, 0)[:5]), ("test", garments(TEST, 1))):
         names = sorted(p.name for p in (out / split / "images").iterdir())
-        assert names == [f"{i:05d}.png" for i in range(len(images))]
+        assert names == [f"{i:06d}.png" for i in range(len(images))]
         for i, image in enumerate(images):
-            assert np.array_equal(pixels(out / split / "images" / f"{i:05d}.png"), image)
-            mask = pixels(out / split / "conditions" / f"{i:05d}.png")
+            assert np.array_equal(pixels(out / split / "images" / f"{i:06d}.png"), image)
+            mask = pixels(out / split / "conditions" / f"{i:06d}.png")
             assert np.array_equal(mask, (image > MASK_THRESHOLD).astype(np.uint8))
             assert mask.sum() == 16 * 11  # the block without its fringe
     test = load_paired(out, "test", "segmentation", 28, 1, num_labels=2)  # a paired folder the loader takes
@@ -94,7 +94,7 @@ def test_pair_writer_refuses_a_folder_it_did_not_write(tmp_path: Path, idx_root:
     ours = tmp_path / "ours"
     make_pairs(ours, idx_root)
     make_pairs(ours, idx_root, {"train": 2})  # its own folder: rewritten, the pairs beyond the new count removed
-    assert sorted(p.name for p in (ours / "train" / "conditions").iterdir()) == ["00000.png", "00001.png"]
+    assert sorted(p.name for p in (ours / "train" / "conditions").iterdir()) == ["000000.png", "000001.png"]
 
 
 def test_segmentation_iou_is_one_for_the_real_images_and_low_against_wrong_maps(tmp_path: Path, pairs: Path,

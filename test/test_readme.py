@@ -91,6 +91,8 @@ def _quick_module(command: list[str], out: Path) -> list[str]:
     if module == "benchmarks.run":
         return [sys.executable, "-m", module, "--device", "cpu", "--tiny", "--threads", "1",
                 "--out", str(out / "bench.json")]
+    if module in ("benchmarks.make_paired_fashion_mnist", "benchmarks.conditional_quality"):
+        return [sys.executable, "-m", module, "--help"]  # they need Fashion-MNIST; their own tests run them
     assert module == "benchmarks.ablation", f"README runs an unknown module {module}"
     return [sys.executable, "-m", module, "--config", "configs/quickstart.yaml", "--only", "ours",
             "--eval-images", "8", "--out", str(out / "ablation"), *_overrides(STAGE1)]
@@ -104,8 +106,9 @@ def _stand_in_run(checkpoint: str, workdir: Path) -> str:
     if (workdir / checkpoint).exists() or not checkpoint.startswith("runs/"):
         return checkpoint
     run, rest = checkpoint.removeprefix("runs/").split("/", 1)
-    stand_in = "quickstart_segmentation" if "segmentation" in run else "quickstart"
-    stand_in += "_transformer" if run.endswith("_transformer") else "_vqgan" if "segmentation" in run else ""
+    conditional = any(kind in run for kind in ("segmentation", "depth", "superres"))  # the quick map-conditioned runs
+    stand_in = "quickstart_segmentation" if conditional else "quickstart"
+    stand_in += "_transformer" if run.endswith("_transformer") else "_vqgan" if conditional else ""
     return f"runs/{stand_in}/{rest}"
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from dataloader.transforms import coord_map
 from transformer.prior import VQGANPrior
 from utils.pictures import MAX_CLASS_ROWS, as_rgb, label_pictures, save_grid
 
@@ -16,19 +15,18 @@ UNCONDITIONAL_ROWS = 4
 
 
 def prior_samples_picture(prior: VQGANPrior, out_dir: Path, per_row: int, generator: torch.Generator,
-                          **sampling: float | int | None) -> Path:
+                          coords: torch.Tensor | None = None, **sampling: float | int | None) -> Path:
     """A grid of samples of ``prior``: one row per class (the first ``MAX_CLASS_ROWS`` classes) or a few
-    unconditional rows (whole images for a coordinate-conditioned prior). Not for a prior conditioned on maps,
-    whose samples need them."""
+    unconditional rows (for a coordinate-conditioned prior, all with the coordinate map ``coords`` [1, H, W]). Not
+    for a prior conditioned on maps, whose samples need them."""
     if prior.class_conditional:
         rows = min(prior.num_classes, MAX_CLASS_ROWS)
         labels = torch.arange(rows).repeat_interleave(per_row)
         path = out_dir / "samples_by_class.png"
     else:
         rows, labels, path = UNCONDITIONAL_ROWS, None, out_dir / "samples.png"
-    if prior.condition.kind == "coord":  # every sample's window is the full picture
-        size = prior.vqgan.resolution
-        labels = coord_map(size, size).expand(rows * per_row, 1, -1, -1)
+    if coords is not None:
+        labels = coords.expand(rows * per_row, 1, -1, -1)
     _, images = prior.sample(rows * per_row, labels, generator=generator, **sampling)
     save_grid(images, path, nrow=per_row)
     return path
