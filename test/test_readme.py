@@ -3,7 +3,8 @@
 The commands are taken from the README's ``bash`` blocks and run in a quick form: training
 commands on the quickstart configs get overrides for a tiny model and a few steps; training
 commands for other datasets must at least parse their config and overrides; ``generate.py``
-commands run with few samples, on the quick runs' checkpoints when theirs was not trained here.
+commands run with few samples, on the quick runs' checkpoints when theirs was not trained here;
+``benchmarks.run`` has its flags parsed (``test_fast_paths`` runs the whole benchmark in its tiny form).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 from tiny_training import REPO, STAGE1, STAGE2, script_env
 
+import benchmarks.run as bench_run
+from benchmarks.cli import benchmark_parser
 from transformer.config import Stage2Config
 from utils.config import describe, load_config
 from vqgan.config import Stage1Config
@@ -88,9 +91,6 @@ def _quick_module(command: list[str], out: Path) -> list[str]:
     module = command[2]
     if module == "benchmarks.gpu_check":  # run with the GPUs hidden: the skip path
         return [sys.executable, "-m", module, "--out", str(out / "gpu.json")]
-    if module == "benchmarks.run":
-        return [sys.executable, "-m", module, "--device", "cpu", "--tiny", "--threads", "1",
-                "--out", str(out / "bench.json")]
     if module in ("benchmarks.make_paired_fashion_mnist", "benchmarks.conditional_quality"):
         return [sys.executable, "-m", module, "--help"]  # they need Fashion-MNIST; their own tests run them
     assert module == "benchmarks.ablation", f"README runs an unknown module {module}"
@@ -169,6 +169,9 @@ def test_readme_commands_run(workdir):
             assert (REPO / script).is_file()
             config = command[command.index("--config") + 1]
             load_config(Stage2Config if script == "train_transformer.py" else Stage1Config, REPO / config)
+            continue
+        if command[:3] == ["python", "-m", "benchmarks.run"]:  # test_fast_paths runs it whole; here its flags
+            benchmark_parser(bench_run.__doc__).parse_args(command[3:])
             continue
         if command[:2] == ["python", "-m"]:
             result = subprocess.run(_quick_module(command, workdir), cwd=workdir,
