@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.cli import positive_int
 from benchmarks.make_paired_fashion_mnist import MASK_THRESHOLD, garment_mask
 from dataloader import DataError
 from dataloader.folder import image_tensor, list_images, open_image, resize_center_crop, to_8bit
@@ -225,13 +226,6 @@ def threshold_value(text: str) -> int:
     return value
 
 
-def factor_value(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -245,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
             sub.add_argument("--threshold", type=threshold_value, default=MASK_THRESHOLD,
                              help=f"foreground = 8-bit pixel above this (default {MASK_THRESHOLD}, as the masks)")
         else:
-            sub.add_argument("--factor", type=factor_value, required=True, help="the prior's data.lowres_factor")
+            sub.add_argument("--factor", type=positive_int, required=True, help="the prior's data.lowres_factor")
     args = parser.parse_args(argv)
     try:
         if args.mode == "segmentation":

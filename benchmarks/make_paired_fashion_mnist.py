@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.cli import positive_int
 from dataloader.idx import read_idx
 from dataloader.standard import IDX_FILES
 
@@ -108,19 +109,12 @@ def make_pairs(out: Path, root: Path = DEFAULT_ROOT, limits: dict[str, int | Non
     return record
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="the paired folder to write")
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="folder of the four idx files")
-    parser.add_argument("--limit-train", type=positive, default=None, help="write only the first N train pairs")
-    parser.add_argument("--limit-test", type=positive, default=None, help="write only the first N test pairs")
+    parser.add_argument("--limit-train", type=positive_int, default=None, help="write only the first N train pairs")
+    parser.add_argument("--limit-test", type=positive_int, default=None, help="write only the first N test pairs")
     args = parser.parse_args(argv)
     try:
         record = make_pairs(args.out, args.root, {"train": args.limit_train, "test": args.limit_test})

@@ -37,13 +37,13 @@ from torch.utils.data import Dataset, Subset
 
 from utils.config import ConfigError, DataConfig, from_dict, parse_yaml
 
-from .conditions import ImagesOnly
+from .conditions import DerivedConditions, ImagesOnly
 from .datasets import build_dataset, num_classes_of
 from .errors import DatasetFormatError, DatasetNotFoundError
 from .folder import EXTENSIONS, FolderDataset, image_tensor, list_images, load_image, open_image
 from .loader import CheckedLoader
 from .paired import CONDITIONS, IMAGES, by_stem, check_sizes, condition_tensor, open_condition
-from .transforms import coord_map, lowres_condition, upsample
+from .transforms import lowres_condition, upsample
 
 OWN_TEST_SPLIT = "test"
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -225,11 +225,11 @@ def condition_folder(root: str | Path, kind: str, image_size: int, channels: int
 
 
 class _ConditionedItems(Dataset):
-    """Items (image, condition, label, has_image) from a dataset of (image, label), (image, condition, label) or
-    (condition, image, has_image) items, deriving a low-res or coordinate condition from the image where asked."""
+    """Items (image, condition, label, has_image) from a dataset of (image, label) (no condition: a placeholder
+    that collates), (image, condition, label) or (condition, image, has_image) items."""
 
-    def __init__(self, base: Dataset, layout: str, derive: str = "none", lowres_factor: int = 1) -> None:
-        self.base, self.layout, self.derive, self.lowres_factor = base, layout, derive, lowres_factor
+    def __init__(self, base: Dataset, layout: str) -> None:
+        self.base, self.layout = base, layout
 
     def __len__(self) -> int:
         return len(self.base)
@@ -243,14 +243,7 @@ class _ConditionedItems(Dataset):
             image, condition, label = item
             return image, condition, label, True
         image, label = item
-        return image, self._derived(image), label, True
-
-    def _derived(self, image: torch.Tensor) -> torch.Tensor:
-        if self.derive == "lowres":
-            return lowres_condition(image, self.lowres_factor)
-        if self.derive == "coord":
-            return coord_map(*image.shape[-2:])
-        return torch.zeros(1)  # no condition map: a placeholder that collates
+        return image, torch.zeros(1), label, True
 
 
 @dataclass
@@ -292,7 +285,7 @@ def conditioned_inputs(spec: str, trained_on: DataConfig, kind: str, *, image_si
         data = dataclasses.replace(data, image_size=image_size, channels=channels, content="images")
         base = build_dataset(data, "test", augment=False)
         layout = "pairs" if data.condition == "none" else "triples"
-        items = _ConditionedItems(base, layout, "none", factor)
+        items = _ConditionedItems(base, layout)
         where = "test split of the training data" if spec == OWN_TEST_SPLIT else f"test split of {path}"
         names = [f"{i:06d}" for i in range(len(base))]
         inputs = ConditionedInputs(items, names, f"{where} ({data.name})", num_classes_of(base), data.num_labels,
@@ -312,7 +305,11 @@ def conditioned_inputs(spec: str, trained_on: DataConfig, kind: str, *, image_si
                                      "--condition.")
         images = folder_images(path, image_size, channels)
         names = [str(p.relative_to(path).with_suffix("")) for p in images.paths]
-        inputs = ConditionedInputs(_ConditionedItems(images, "pairs", derive, factor), names, f"folder {path}", 0,
+        if derive == "none":
+            items = _ConditionedItems(images, "pairs")
+        else:
+            items = _ConditionedItems(DerivedConditions(images, derive, factor), "triples")
+        inputs = ConditionedInputs(items, names, f"folder {path}", 0,
                                    trained_on.num_labels)
     if limit is not None and limit < len(inputs):
         inputs.dataset, inputs.names = Subset(inputs.dataset, range(limit)), inputs.names[:limit]

@@ -7,13 +7,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tiny_training import STAGE1, STAGE2, load_plain, write_config
+from tiny_training import script_fails as fails
 
 import generate
 import train_transformer
@@ -87,17 +87,6 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
 
 def run(*args: object) -> None:
     generate.main([str(a) for a in args])
-
-
-def fails(capsys: pytest.CaptureFixture, main: Callable[[list[str]], None], *args: object) -> str:
-    """Run ``main`` on ``args``; it must stop with exit code 2 and one clean ``error:`` paragraph, returned."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "error: " in err and "Traceback" not in err
-    return err[err.index("error: "):]
 
 
 def pixels(path: Path) -> np.ndarray:

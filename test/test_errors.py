@@ -302,6 +302,17 @@ def test_token_cache_key_follows_the_folder_contents(stage1: Path, tmp_path: Pat
 
 # ------------------------------------------------------------------------------------------- run folder
 
+def wait_for_the_first_step(run: Path, process: subprocess.Popen) -> None:
+    """Wait until a run started with ``train.log_every=1`` has logged its first step: its loop is then under way,
+    with its signal handlers installed (``metrics.csv`` itself is written just before the loop starts)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    metrics = run / "metrics.csv"
+    while process.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            return
+        time.sleep(0.05)
+
+
 def lock_of(pid: int) -> str:
     return json.dumps({"pid": pid, "host": socket.gethostname()})
 
@@ -310,11 +321,9 @@ def test_second_training_in_a_busy_folder_is_refused(tmp_path: Path, capsys: pyt
     config = stage1_config(tmp_path)
     run = tmp_path / "run"
     first = start([str(REPO / "train_vqgan.py"), "--config", str(config), "--run-dir", str(run),
-                   "train.max_steps=100000"], tmp_path)
+                   "train.max_steps=100000", "train.log_every=1"], tmp_path)
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (run / "metrics.csv").exists() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for_the_first_step(run, first)
         assert first.poll() is None, first.communicate()[1]
         err = fails(train_vqgan.main, ["--config", config, "--run-dir", run, "--force"], capsys)
         assert f"is in use by process {first.pid} on host {socket.gethostname()}" in err
@@ -427,9 +436,7 @@ def test_a_second_signal_stops_at_once_and_says_what_is_saved(tmp_path: Path) ->
     process = start([str(REPO / "train_vqgan.py"), "--config", str(stage1_config(tmp_path)), "--run-dir", str(run),
                      "train.max_steps=100000", "train.log_every=1"], tmp_path)
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (run / "metrics.csv").exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_the_first_step(run, process)
         process.send_signal(signal.SIGINT)
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=TIMEOUT_S)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from fixtures.pattern_weights import pattern_weights
-from tiny_training import STAGE2, write_config
+from tiny_training import STAGE2, script_fails, write_config
 
 import generate
 import train_transformer
@@ -59,17 +59,6 @@ def expected() -> dict:
 
 def run(*args: object) -> None:
     generate.main([str(a) for a in args])
-
-
-def fails(capsys: pytest.CaptureFixture, main, args: list[object]) -> str:
-    """Run a script's main that must stop with exit code 2 and one clean message; return the message."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "error: " in err and "Traceback" not in err
-    return err[err.index("error: "):]
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +192,7 @@ def test_fine_tuning_starts_from_the_converted_weights(with_vgg: Path, tmp_path:
             assert torch.allclose(tuned["model"][key], value, atol=1e-6), key  # one step of lr 1e-12
     assert all(torch.equal(tuned["disc"][key], value) for key, value in start["disc"].items())  # GAN not started
 
-    err = fails(capsys, train_vqgan.main, ["--config", config, "--run-dir", tmp_path / "bad",
+    err = script_fails(capsys, train_vqgan.main, *["--config", config, "--run-dir", tmp_path / "bad",
                                            f"train.init_from={with_vgg}", "model.codebook_size=32", "disc.n_layers=3",
                                            *lpips])
     assert "train.init_from" in err and "model.codebook_size: 64 -> 32" in err and "disc.n_layers: 2 -> 3" in err
@@ -269,7 +258,7 @@ def test_bad_inputs_are_refused_and_nothing_is_written(kind: str, converted: Pat
                                                        capsys: pytest.CaptureFixture) -> None:
     args, phrases = _bad_input(kind, tmp_path, converted, expected)
     out = tmp_path / "out" / "converted.pt"
-    err = fails(capsys, generate.main, ["import-taming", *args, "--out", out, "--resolution", RESOLUTION])
+    err = script_fails(capsys, generate.main, "import-taming", *args, "--out", out, "--resolution", RESOLUTION)
     for phrase in phrases:
         assert phrase in err, f"{phrase!r} not in {err!r}"
     assert not out.parent.exists()
@@ -279,7 +268,7 @@ def test_existing_output_is_kept_unless_forced(converted: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "tiny.pt"
     out.write_bytes(b"keep")
-    err = fails(capsys, generate.main, ["import-taming", "--checkpoint", CKPT, "--out", out, "--resolution", 32])
+    err = script_fails(capsys, generate.main, "import-taming", "--checkpoint", CKPT, "--out", out, "--resolution", 32)
     assert "already exist" in err and "--force" in err and out.read_bytes() == b"keep"
     run("import-taming", "--checkpoint", CKPT, "--out", out, "--resolution", RESOLUTION, "--force")
     assert load_checkpoint(out, kind="vqgan")["model_config"]["codebook_size"] == 64

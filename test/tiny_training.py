@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
+import pytest
 import torch
 import yaml
 
@@ -32,6 +34,18 @@ STAGE2 = {
               "num_sample_images": 4, "device": "cpu"},
     "sample": {"top_k": 8},
 }
+
+
+def script_fails(capsys: pytest.CaptureFixture, main: Callable[[list[str]], None], *args: object) -> str:
+    """Run a script's ``main`` on ``args``; it must stop with exit code 2 and one clean ``error:`` paragraph, which
+    is returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "Traceback" not in err
+    return err[err.index("error: "):]
 
 
 def write_config(folder: Path, name: str, config: dict) -> Path:
