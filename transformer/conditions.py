@@ -16,6 +16,7 @@ Every kind of condition turns its input into ``num_tokens`` ids in ``0 .. vocab_
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
@@ -26,16 +27,16 @@ ConditionKind = Literal["none", "class", "segmentation", "depth", "lowres", "coo
 MAP_KINDS = ("segmentation", "depth", "lowres")  # tokenized by a stage-1 model
 
 
-class Condition(nn.Module):
+class Condition(nn.Module, ABC):
     """Base of the condition kinds: ``num_tokens`` tokens per sequence from a vocabulary of ``vocab_size``."""
 
     kind: ConditionKind
     num_tokens: int
     vocab_size: int
 
+    @abstractmethod
     def tokens(self, condition: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
         """Token ids [B, num_tokens] in ``0 .. vocab_size - 1`` for the condition inputs (None: no tokens)."""
-        raise NotImplementedError
 
 
 class NoCondition(Condition):
