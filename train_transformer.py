@@ -215,7 +215,8 @@ def tokenize(vqgan: VQGAN, condition: Condition | None, cfg: Stage2Config, stage
         dataset = build_dataset(cfg.data, "train", augment=False)
         return dataset, num_classes_of(dataset)
 
-    extra = {"coord_levels": cfg.transformer.coord_levels} if cfg.data.condition == "coord" else {}
+    coord = cfg.data.condition == "coord"
+    extra = {"coord_levels": cfg.transformer.coord_levels, "coord_ids": "rounded"} if coord else {}
     tokenizer = None if condition is None else lambda maps: condition.tokens(maps, len(maps))
     return tokenize_dataset(vqgan, training_images,
                             cache / token_cache_name(stage1_paths, cfg.data, "train", extra),

@@ -108,11 +108,13 @@ def test_prior_configs_from_before_conditions_still_build():
     assert prior.class_conditional and prior.condition_dropout == 0.2 and prior.null_token == K + 4
 
 
-def test_coordinates_become_quantized_positions_per_token():
+def test_coordinates_become_rounded_positions_per_token():
     condition = CoordCondition(levels=4, latent_size=(2, 2), factor=2)
     positions = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4) / 16
-    # token cells average positions (0+1+4+5)/64, (2+3+6+7)/64, (8+9+12+13)/64, (10+11+14+15)/64
-    assert condition.tokens(positions, 1).tolist() == [[0, 1, 2, 3]]
+    # token cells average positions (0+1+4+5)/64, (2+3+6+7)/64, (8+9+12+13)/64, (10+11+14+15)/64; times 4 levels
+    # that is 0.625, 1.125, 2.625, 3.125, rounded as taming's CoordStage rounds
+    assert condition.tokens(positions, 1).tolist() == [[1, 1, 3, 3]] and condition.vocab_size == 5
+    assert condition.tokens(torch.ones(1, 1, 4, 4), 1).tolist() == [[4, 4, 4, 4]]
 
 
 def test_segmentation_tokenizer_sees_labels_one_hot_and_learns_them_with_cross_entropy():

@@ -10,8 +10,8 @@ Every kind of condition turns its input into ``num_tokens`` ids in ``0 .. vocab_
   label maps), whose codes in raster order are the tokens (taming's ``cond_stage_model``). The image
   tokenizer itself can serve where the map has the image's shape (a low-res copy upsampled back).
 * ``coord``: a coordinate map [B, 1, H, W] holding each pixel's raster position in the full image in
-  [0, 1) (taming's ``CoordStage``): averaged over each token's pixels and quantized to ``levels`` ids,
-  so a window cropped from a larger image knows where it sits.
+  [0, 1) (taming's ``CoordStage``): averaged over each token's pixels, scaled by ``levels`` and rounded
+  (ids ``0 .. levels``), so a window cropped from a larger image knows where it sits.
 """
 
 from __future__ import annotations
@@ -97,13 +97,15 @@ class MapCondition(Condition):
 
 
 class CoordCondition(Condition):
-    """Raster positions averaged over each token's ``factor`` x ``factor`` pixels, quantized to ``levels`` ids."""
+    """Raster positions averaged over each token's ``factor`` x ``factor`` pixels, times ``levels``, rounded to
+    the nearest id in ``0 .. levels`` (taming's ``CoordStage`` rule, so its coordinate priors convert)."""
 
     kind = "coord"
 
     def __init__(self, levels: int, latent_size: tuple[int, int], factor: int) -> None:
         super().__init__()
-        self.vocab_size = levels
+        self.levels = levels
+        self.vocab_size = levels + 1
         self.latent_size = latent_size
         self.factor = factor
         self.num_tokens = latent_size[0] * latent_size[1]
@@ -112,8 +114,8 @@ class CoordCondition(Condition):
     def tokens(self, condition: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         if condition is None:
             raise ValueError("this prior is conditioned on coordinates; pass a coordinate map per sequence.")
-        cells = F.avg_pool2d(condition.float(), self.factor)
-        return (cells * self.vocab_size).long().clamp_(0, self.vocab_size - 1).flatten(1)
+        cells = F.avg_pool2d(condition.float(), self.factor).clamp(0.0, 1.0)
+        return (cells * self.levels).round().long().flatten(1)
 
 
 def build_condition(kind: ConditionKind, *, num_classes: int = 0, tokenizer: nn.Module | None = None,
