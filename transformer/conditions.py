@@ -33,6 +33,7 @@ class Condition(nn.Module, ABC):
     kind: ConditionKind
     num_tokens: int
     vocab_size: int
+    spatial = False  # tokens laid out as a grid over the image, cropped with the codes by a sliding window
 
     @abstractmethod
     def tokens(self, condition: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
@@ -76,6 +77,8 @@ class ClassCondition(Condition):
 class MapCondition(Condition):
     """A condition map tokenized by a frozen stage-1 model: its codes in raster order."""
 
+    spatial = True
+
     def __init__(self, kind: ConditionKind, tokenizer: nn.Module) -> None:
         super().__init__()
         self.kind = kind
@@ -101,6 +104,7 @@ class CoordCondition(Condition):
     the nearest id in ``0 .. levels`` (taming's ``CoordStage`` rule, so its coordinate priors convert)."""
 
     kind = "coord"
+    spatial = True
 
     def __init__(self, levels: int, latent_size: tuple[int, int], factor: int) -> None:
         super().__init__()

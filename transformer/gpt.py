@@ -166,7 +166,8 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def _run(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def _run(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
+             last_only: bool = False) -> torch.Tensor:
         x = self.tok_emb(idx)
         rope = None
         if self.pos_emb is not None:
@@ -176,6 +177,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, positions, cache, layer)
+        if last_only:
+            x = x[:, -1:]
         return self.head(self.ln_f(x))
 
     def forward(self, idx: torch.Tensor,
@@ -209,14 +212,16 @@ class GPT(nn.Module):
         cache.length += idx.shape[1]
         return logits
 
-    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                   last_only: bool = False) -> torch.Tensor:
         """Logits [B, t, out_vocab_size] of tokens ``idx`` [B, t] at ``positions`` [t] (a long tensor, every
-        earlier position already in ``cache``), whose keys and values are written into ``cache``.
+        earlier position already in ``cache``), whose keys and values are written into ``cache``; with
+        ``last_only`` the logits of the last position only [B, 1, out_vocab_size] (the output head skips the rest).
 
         Nothing here depends on Python values that change from token to token (``cache.length`` is
         neither read nor moved), so a ``torch.compile`` of this call decodes every token with one graph.
         """
-        return self._run(idx, positions, cache)
+        return self._run(idx, positions, cache, last_only)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: decay on every matrix (linear weights and embeddings, as in

@@ -32,7 +32,8 @@ from torch import nn
 
 from transformer.conditions import MAP_KINDS, Condition, ConditionKind, build_condition
 from transformer.gpt import GPT
-from transformer.sampling import SamplingConfig, sample_tokens
+from transformer.sampling import SamplingConfig
+from transformer.window import sample_windowed
 from utils.checkpoint import CheckpointError, load_state_dict_checked
 from utils.config import option
 
@@ -284,26 +285,57 @@ class VQGANPrior(nn.Module):
         self.check_labels(labels)
         return labels
 
+    def _sampling_prefix(self, condition: torch.Tensor | None, batch: int, grid: tuple[int, int],
+                         device: torch.device) -> torch.Tensor:
+        """What :func:`transformer.window.sample_windowed` starts every window with: the prefix [B, L], or the
+        tokens [B, H, W] of condition maps given at the size of a ``grid`` larger than the training grid."""
+        cond_tokens = self.condition_tokens(condition, batch)
+        if grid == self.latent_size or not self.condition.spatial:
+            return self.prefix_tokens(cond_tokens, batch, device)
+        height, width = grid
+        if self.prefix_len != self.seq_len:
+            raise ValueError(f"this prior's {self.condition.kind} condition has {self.prefix_len} tokens for "
+                             f"{self.seq_len} codes; sampling beyond the training size crops the condition's tokens "
+                             f"with the codes, so it needs a condition tokenizer with the image VQGAN's downsampling.")
+        if cond_tokens.shape[1] != height * width:
+            factor = getattr(self.vqgan, "downsample_factor", 1)
+            raise ValueError(f"the condition maps give {cond_tokens.shape[1]} tokens for a {height}x{width} grid of "
+                             f"codes; give them at the size of the samples ({height * factor}x{width * factor}).")
+        return (cond_tokens.long() + self.codebook_size).view(batch, height, width).to(device)
+
+    def check_grid(self, grid: Sequence[int]) -> tuple[int, int]:
+        """``grid`` (rows, columns of codes) as a tuple, after checking the training window fits in it."""
+        height, width = (int(size) for size in grid)
+        if height < self.latent_size[0] or width < self.latent_size[1]:
+            raise ValueError(f"a grid of {height}x{width} codes is smaller than this prior's training grid "
+                             f"{self.latent_size[0]}x{self.latent_size[1]}, its sliding window; sample at least that.")
+        return height, width
+
     @torch.no_grad()
     def sample(self, num: int, condition: Labels | torch.Tensor | None = None, *, given: torch.Tensor | None = None,
-               temperature: float = SamplingConfig.temperature, top_k: int | None = SamplingConfig.top_k,
-               top_p: float | None = SamplingConfig.top_p, cfg_scale: float = SamplingConfig.cfg_scale,
-               compile: bool = SamplingConfig.compile, generator: torch.Generator | None = None,
+               grid: Sequence[int] | None = None, temperature: float = SamplingConfig.temperature,
+               top_k: int | None = SamplingConfig.top_k, top_p: float | None = SamplingConfig.top_p,
+               cfg_scale: float = SamplingConfig.cfg_scale, compile: bool = SamplingConfig.compile,
+               generator: torch.Generator | None = None,
                batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample ``num`` code grids and decode them: (indices [N, h, w], images [N, C, H, W]).
+        """Sample ``num`` code grids and decode them: (indices [N, H, W], images [N, C, H*f, W*f]).
 
+        ``grid``: the (rows, columns) of codes to sample, at least the training grid (the default); a larger
+        grid is sampled with the training grid as a sliding window (:mod:`transformer.window`).
         ``condition``: for a class-conditional prior one class id for all samples, or one per sample
         (``None`` draws classes uniformly with ``generator``); for a map condition one map per sample
-        [N, C, H, W]; for coordinates one coordinate map per sample. ``given`` [N, k] (completion): the
-        first ``k`` codes of every sample, kept as they are; the rest is sampled. ``cfg_scale`` mixes the
-        conditional and null-condition predictions (classifier-free guidance); ``compile`` decodes with the
-        compiled one-token step (see :func:`transformer.sampling.sample_tokens`). Samples are drawn
-        ``batch_size`` (default: all) at a time.
+        [N, C, H, W], at the size of the samples; for coordinates one coordinate map per sample. ``given``
+        [N, k] (completion): the first ``k`` codes of every sample in raster order, kept as they are; the rest
+        is sampled. ``cfg_scale`` mixes the conditional and null-condition predictions (classifier-free
+        guidance); ``compile`` decodes with the compiled one-token step (see
+        :func:`transformer.sampling.sample_tokens`). Samples are drawn ``batch_size`` (default: all) at a time.
         """
+        grid = self.latent_size if grid is None else self.check_grid(grid)
+        total = grid[0] * grid[1]
         conditions = self._sample_conditions(num, condition, cfg_scale, generator)
         kept = 0 if given is None else given.shape[1]
-        if given is not None and (given.shape[0] != num or not 0 <= kept < self.seq_len):
-            raise ValueError(f"given must hold the first k < {self.seq_len} codes of each of the {num} samples, "
+        if given is not None and (given.shape[0] != num or not 0 <= kept < total):
+            raise ValueError(f"given must hold the first k < {total} codes of each of the {num} samples, "
                              f"got shape {tuple(given.shape)}.")
         device = self.gpt.tok_emb.weight.device
         batch_size = batch_size or num
@@ -311,17 +343,13 @@ class VQGANPrior(nn.Module):
         for start in range(0, num, batch_size):
             b = min(batch_size, num - start)
             chunk = None if conditions is None else conditions[start:start + b].to(device)
-            prefix = self.prefix_tokens(self.condition_tokens(chunk, b), b, device)
-            uncond = torch.full_like(prefix, self.null_token)
+            prefix = self._sampling_prefix(chunk, b, grid, device)
+            uncond = torch.full((b, self.prefix_len), self.null_token, dtype=torch.long, device=device)
             codes = None if given is None else given[start:start + b].to(device).long()
-            if codes is not None:
-                prefix, uncond = torch.cat([prefix, codes], dim=1), torch.cat([uncond, codes], dim=1)
-            tokens = sample_tokens(self.gpt, prefix, self.seq_len - kept, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, cfg_scale=cfg_scale, compile=compile, uncond_prefix=uncond,
-                                   generator=generator)
-            if codes is not None:
-                tokens = torch.cat([codes, tokens], dim=1)
-            indices = tokens.view(b, *self.latent_size)
+            tokens = sample_windowed(self.gpt, prefix, grid, self.latent_size, given=codes, uncond_prefix=uncond,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                                     compile=compile, generator=generator)
+            indices = tokens.view(b, *grid)
             all_indices.append(indices)
             all_images.append(self.vqgan.decode_indices(indices))
         return torch.cat(all_indices), torch.cat(all_images)

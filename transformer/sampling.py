@@ -92,13 +92,15 @@ def sample_tokens(gpt: GPT, prefix: torch.Tensor, num_tokens: int, *, temperatur
                   top_k: int | None = SamplingConfig.top_k, top_p: float | None = SamplingConfig.top_p,
                   cfg_scale: float = SamplingConfig.cfg_scale, compile: bool = SamplingConfig.compile,
                   uncond_prefix: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  use_cache: bool = True) -> torch.Tensor:
+                  use_cache: bool = True, cache: KVCache | None = None) -> torch.Tensor:
     """Sample ``num_tokens`` tokens [B, num_tokens] after ``prefix`` [B, P].
 
     With ``cfg_scale != 1`` the conditional ``prefix`` and ``uncond_prefix`` (same shape) run as
     one doubled batch and the next-token logits are ``uncond + cfg_scale * (cond - uncond)``.
     ``compile`` runs the cached one-token step through ``torch.compile`` (see the module docstring);
-    ``use_cache=False`` recomputes the full sequence at every step (slow reference path). The model
+    ``use_cache=False`` recomputes the full sequence at every step (slow reference path). ``cache``: a KV
+    cache of the (doubled) batch with room for ``P + num_tokens - 1`` positions to decode into, instead of a
+    new one (the sliding-window sampler keeps one for all its runs, so a compiled step sees one shape). The model
     is put in eval mode while sampling and restored afterwards.
     """
     if temperature <= 0:
@@ -114,22 +116,27 @@ def sample_tokens(gpt: GPT, prefix: torch.Tensor, num_tokens: int, *, temperatur
     was_training = gpt.training
     gpt.eval()
     try:
+        if use_cache and cache is None:
+            cache = gpt.new_cache(len(prefix), prefix.shape[1] + num_tokens - 1)
         return _decode(gpt, prefix, num_tokens, temperature, top_k, top_p, cfg_scale if guided else None,
-                       generator, use_cache, compile)
+                       generator, cache if use_cache else None, compile)
     finally:
         gpt.train(was_training)
 
 
 def _decode(gpt: GPT, prefix: torch.Tensor, num_tokens: int, temperature: float, top_k: int | None,
             top_p: float | None, cfg_scale: float | None, generator: torch.Generator | None,
-            use_cache: bool, compiled: bool) -> torch.Tensor:
-    """The sampling loop of :func:`sample_tokens`; ``prefix`` is already doubled when ``cfg_scale`` is set."""
+            cache: KVCache | None, compiled: bool) -> torch.Tensor:
+    """The sampling loop of :func:`sample_tokens`; ``prefix`` is already doubled when ``cfg_scale`` is set, and
+    ``cache`` is None for the recomputing reference."""
     batch, length = prefix.shape
     out = prefix.new_empty(batch // 2 if cfg_scale is not None else batch, num_tokens)
     seq = prefix
+    use_cache = cache is not None
     if use_cache:
-        cache = gpt.new_cache(batch, length + num_tokens - 1)
-        logits = gpt.forward_at(prefix, torch.arange(length, device=prefix.device), cache)[:, -1]
+        if length + num_tokens - 1 > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} positions; {length + num_tokens - 1} are needed.")
+        logits = gpt.forward_at(prefix, torch.arange(length, device=prefix.device), cache, last_only=True)[:, -1]
         position = torch.tensor([length], device=prefix.device)
         step = compiled_decode_step(prefix.device) if compiled else decode_step
     else:

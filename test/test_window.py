@@ -1,0 +1,210 @@
+"""Sliding-window sampling beyond the training grid: taming's window rule, and the sampler's tokens equal to those
+of a plain reference that runs the whole window through the GPT for every code, as taming's loop does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer import GPT
+from transformer.prior import PriorConfig, VQGANPrior
+from transformer.sampling import filter_logits, sample_tokens
+from transformer.window import Run, sample_windowed, window_runs, window_start
+
+K = 12  # image codes
+
+
+def taming_local(index: int, size: int) -> int:
+    """Taming's local position rule for its 16 x 16 window, as written in its sampling scripts."""
+    if index <= 8:
+        return index
+    if size - index < 8:
+        return 16 - (size - index)
+    return 8
+
+
+def reference_local(index: int, size: int, window: int) -> int:
+    """The same rule for any window: centred at window // 2, stopped by the grid's borders."""
+    half = window // 2
+    if index <= half:
+        return index
+    if size - index < window - half:
+        return window - (size - index)
+    return half
+
+
+def reference_sample(gpt: GPT, prefix: torch.Tensor, grid: tuple[int, int], window: tuple[int, int],
+                     generator: torch.Generator, temperature: float = 1.0, top_k: int | None = None,
+                     given: torch.Tensor | None = None) -> torch.Tensor:
+    """Taming's loop: for every code, the condition's window and the whole code window through the GPT."""
+    (height, width), (h, w) = grid, window
+    batch = prefix.shape[0]
+    codes = torch.zeros(batch, height, width, dtype=torch.long)
+    kept = 0 if given is None else given.shape[1]
+    if given is not None:
+        codes.view(batch, -1)[:, :kept] = given
+    for i in range(height):
+        local_i = reference_local(i, height, h)
+        for j in range(width):
+            if i * width + j < kept:
+                continue
+            local_j = reference_local(j, width, w)
+            rows, columns = slice(i - local_i, i - local_i + h), slice(j - local_j, j - local_j + w)
+            condition = prefix[:, rows, columns].flatten(1) if prefix.dim() == 3 else prefix
+            patch = torch.cat([condition, codes[:, rows, columns].flatten(1)], dim=1)
+            logits = gpt(patch[:, :-1])[0][:, condition.shape[1] - 1:]
+            logits = logits.reshape(batch, h, w, -1)[:, local_i, local_j] / temperature
+            probs = F.softmax(filter_logits(logits, top_k=top_k), dim=-1)
+            codes[:, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return codes.view(batch, -1)
+
+
+def tiny_gpt(prefix_len: int, window: tuple[int, int], vocab: int, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    gpt = GPT(vocab_size=vocab, block_size=prefix_len + window[0] * window[1] - 1, n_layer=2, n_head=2, n_embd=32,
+              dropout=0.0, positions="learned", out_vocab_size=K).eval()
+    for p in gpt.parameters():  # larger weights than GPT-2's init, so that the logits depend on the context
+        p.data.normal_(0, 0.3)
+    return gpt
+
+
+def test_the_window_rule_is_tamings_for_its_window_of_16():
+    for size in (16, 17, 24, 31, 32, 48):
+        for index in range(size):
+            assert index - window_start(index, size, 16) == taming_local(index, size)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 4, 5, 8])
+def test_every_window_fits_the_grid_and_holds_its_position(window):
+    for size in range(window, 3 * window + 3):
+        for index in range(size):
+            start = window_start(index, size, window)
+            assert 0 <= start <= size - window and start <= index < start + window
+            assert index - start == reference_local(index, size, window)
+
+
+def test_bad_positions_and_windows_are_refused():
+    with pytest.raises(ValueError, match="must lie in the grid"):
+        window_start(5, 5, 2)
+    with pytest.raises(ValueError, match="window must fit"):
+        window_start(0, 3, 4)
+
+
+def test_runs_group_the_codes_whose_window_stands_still():
+    assert window_runs((4, 4), (4, 4)) == [Run(0, 16, 0, 0)]  # the training grid: one run, plain sampling
+    assert window_runs((4, 4), (4, 4), start=5) == [Run(5, 11, 0, 0)]
+    # one row of 8 with a window of 4: columns 0-2 share the first window, then it moves with every column
+    # until column 6, whose window (the last, starting at 4) also serves column 7
+    assert window_runs((4, 8), (4, 4))[:5] == [Run(0, 3, 0, 0), Run(3, 1, 0, 1), Run(4, 1, 0, 2), Run(5, 1, 0, 3),
+                                               Run(6, 2, 0, 4)]
+    runs = window_runs((8, 8), (4, 4))
+    assert sum(run.count for run in runs) == 64 and len(runs) == 8 * 5
+
+
+WINDOWS = [((4, 4), (4, 4)), ((4, 4), (8, 8)), ((3, 3), (7, 9)), ((4, 2), (6, 5)), ((2, 4), (5, 8))]
+
+
+@pytest.mark.parametrize("window, grid", WINDOWS)
+@pytest.mark.parametrize("condition", ["start", "map"])
+def test_windowed_tokens_equal_the_reference(window, grid, condition):
+    h, w = window
+    prefix_len = 1 if condition == "start" else h * w
+    gpt = tiny_gpt(prefix_len, window, vocab=K + 6)
+    batch = 3
+    if condition == "start":
+        prefix = torch.full((batch, 1), K + 5)
+    else:
+        prefix = torch.randint(K, K + 5, (batch, *grid), generator=torch.Generator().manual_seed(1))
+    fast = sample_windowed(gpt, prefix, grid, window, generator=torch.Generator().manual_seed(7))
+    slow = reference_sample(gpt, prefix, grid, window, torch.Generator().manual_seed(7))
+    assert fast.shape == (batch, grid[0] * grid[1]) and torch.equal(fast, slow)
+    assert 0 <= fast.min() and fast.max() < K
+    greedy = sample_windowed(gpt, prefix, grid, window, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, reference_sample(gpt, prefix, grid, window, torch.Generator(), top_k=1))
+    assert not torch.equal(greedy, fast)
+
+
+def test_windowed_completion_keeps_the_given_codes_and_matches_the_reference():
+    window, grid = (3, 3), (6, 7)
+    gpt = tiny_gpt(1, window, vocab=K + 1)
+    prefix = torch.full((2, 1), K)
+    given = torch.randint(K, (2, 17), generator=torch.Generator().manual_seed(2))
+    fast = sample_windowed(gpt, prefix, grid, window, given=given, temperature=0.7,
+                           generator=torch.Generator().manual_seed(3))
+    slow = reference_sample(gpt, prefix, grid, window, torch.Generator().manual_seed(3), temperature=0.7, given=given)
+    assert torch.equal(fast[:, :17], given) and torch.equal(fast, slow)
+
+
+def test_on_the_training_grid_windowed_sampling_is_plain_sampling():
+    window = (3, 4)
+    gpt = tiny_gpt(1, window, vocab=K + 1)
+    prefix = torch.full((4, 1), K)
+    windowed = sample_windowed(gpt, prefix, window, window, top_k=5, generator=torch.Generator().manual_seed(4))
+    plain = sample_tokens(gpt, prefix, 12, top_k=5, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(windowed, plain)
+
+
+def test_guided_windowed_sampling_runs_the_null_condition_alongside():
+    window, grid = (3, 3), (5, 6)
+    gpt = tiny_gpt(9, window, vocab=K + 6)
+    prefix = torch.randint(K, K + 5, (2, *grid), generator=torch.Generator().manual_seed(5))
+    null = torch.full((2, 9), K + 5)
+    plain = sample_windowed(gpt, prefix, grid, window, generator=torch.Generator().manual_seed(6))
+    scale_one = sample_windowed(gpt, prefix, grid, window, uncond_prefix=null, cfg_scale=1.0,
+                                generator=torch.Generator().manual_seed(6))
+    guided = sample_windowed(gpt, prefix, grid, window, uncond_prefix=null, cfg_scale=4.0,
+                             generator=torch.Generator().manual_seed(6))
+    assert torch.equal(plain, scale_one) and not torch.equal(plain, guided)
+
+
+class GridVQGAN(torch.nn.Module):
+    """Stands in for a VQGAN of factor 2 on any image size: a code is the mean of its 2x2 pixels, quantized."""
+
+    codebook_size = K
+    downsample_factor = 2
+    latent_size = (3, 3)
+    resolution = 6
+
+    def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
+        cells = F.avg_pool2d(images[:, :1], 2)[:, 0]
+        return ((cells + 1) / 2 * (K - 1)).round().long().clamp(0, K - 1)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        values = indices.float() / (K - 1) * 2 - 1
+        return values[:, None].repeat_interleave(2, -2).repeat_interleave(2, -1)
+
+
+def tiny_prior(condition: str) -> VQGANPrior:
+    torch.manual_seed(0)
+    config = PriorConfig(n_layer=1, n_head=2, n_embd=16, condition=condition, coord_levels=8)
+    tokenizer = GridVQGAN() if condition == "segmentation" else None
+    return VQGANPrior(GridVQGAN(), config, num_classes=3, cond_vqgan=tokenizer).eval()
+
+
+@pytest.mark.parametrize("condition", ["none", "class", "segmentation", "coord"])
+def test_a_prior_samples_a_larger_grid(condition):
+    prior = tiny_prior(condition)
+    given = {"none": None, "class": [0, 2], "segmentation": torch.rand(2, 1, 10, 14) * 2 - 1,
+             "coord": torch.rand(2, 1, 10, 14)}[condition]
+    indices, images = prior.sample(2, given, grid=(5, 7), generator=torch.Generator().manual_seed(0))
+    assert indices.shape == (2, 5, 7) and images.shape == (2, 1, 10, 14)
+    again, _ = prior.sample(2, given, grid=(5, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(indices, again)
+
+
+def test_map_conditions_are_cropped_with_the_window():
+    prior = tiny_prior("segmentation")
+    maps = torch.rand(1, 1, 10, 14) * 2 - 1
+    grid_tokens = prior.vqgan.encode_to_indices(maps) + K
+    expected = reference_sample(prior.gpt, grid_tokens, (5, 7), (3, 3), torch.Generator().manual_seed(1))
+    indices, _ = prior.sample(1, maps, grid=(5, 7), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(indices.flatten(1), expected)
+
+
+def test_bad_grids_and_condition_sizes_are_refused():
+    prior = tiny_prior("segmentation")
+    with pytest.raises(ValueError, match="smaller than this prior's training grid 3x3"):
+        prior.sample(1, torch.zeros(1, 1, 6, 6), grid=(2, 5))
+    with pytest.raises(ValueError, match=r"give them at the size of the samples \(10x14\)"):
+        prior.sample(1, torch.zeros(1, 1, 6, 6), grid=(5, 7))
