@@ -3,6 +3,7 @@
     python generate.py sample --checkpoint STAGE2.pt --num 64 --out DIR [--class C ...] [--seed S]
         [--temperature T] [--top-k K] [--top-p P] [--cfg-scale S] [--compile] [--fid-ref test|CONFIG|FOLDER]
     python generate.py sample --checkpoint STAGE2.pt --condition FOLDER|test --out DIR [--samples-per-condition K]
+    python generate.py sample --checkpoint STAGE2.pt --size H [W] ...  (beyond the training size: sliding window)
     python generate.py complete --checkpoint STAGE2.pt --input test|CONFIG|FOLDER --keep 0.5 --out DIR
         [--samples-per-input K] [--class C ...]
     python generate.py reconstruct --checkpoint STAGE1.pt --input test|CONFIG|FOLDER --out DIR
@@ -224,11 +225,34 @@ def input_images(spec: str, vqgan: VQGAN, state: dict, limit: int | None = None)
     return resolve_images(spec, data_config_of(state["config"]), limit=limit, **image_shape(vqgan))
 
 
+def sample_grid(prior: VQGANPrior, size: list[int] | None) -> tuple[int, int]:
+    """The code grid of ``--size H [W]`` (pixels): a multiple of the VQGAN's downsampling, at least the training
+    size; the training grid when ``--size`` is not given."""
+    if size is None:
+        return prior.latent_size
+    if len(size) > 2:
+        raise UsageError(f"--size takes the height and width in pixels (or one number for a square), got {size}.")
+    height, width = size if len(size) == 2 else size * 2
+    factor = prior.vqgan.downsample_factor
+    smallest = (prior.latent_size[0] * factor, prior.latent_size[1] * factor)
+    if height % factor or width % factor:
+        raise UsageError(f"--size {height} {width}: both sides must be multiples of the VQGAN's downsampling factor "
+                         f"{factor}; try --size {round(height / factor) * factor} {round(width / factor) * factor}.")
+    if height < smallest[0] or width < smallest[1]:
+        raise UsageError(f"--size {height} {width} is smaller than the prior's training size {smallest[0]}x"
+                         f"{smallest[1]}, the window it slides over larger images; use at least that.")
+    return height // factor, width // factor
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     out = output_folder(args.out)
     prior, state = load_prior(args.checkpoint, device)
     settings = sampling_settings(prior, state, args)
+    settings["grid"] = sample_grid(prior, args.size)
+    if args.size is not None and args.fid_ref is not None:
+        raise UsageError("--fid-ref compares samples with real images of the training size; leave out --size (or "
+                         "--fid-ref).")
     if args.condition is not None or prior.condition.kind in MAP_KINDS:
         sample_conditions(args, prior, state, settings, out, device)
         return
@@ -246,8 +270,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     for start in tqdm(range(0, num, args.batch_size), desc="sampling", dynamic_ncols=True):
         count = min(args.batch_size, num - start)
         condition = sample_labels(cycle, start, count)
-        if prior.condition.kind == "coord":  # whole images: every sample's window is the full picture
-            condition = coord_map(prior.vqgan.resolution, prior.vqgan.resolution).expand(count, 1, -1, -1)
+        if prior.condition.kind == "coord":  # every pixel's position in the whole picture
+            factor = prior.vqgan.downsample_factor
+            height, width = settings["grid"]
+            condition = coord_map(height * factor, width * factor).expand(count, 1, -1, -1)
         _, images = prior.sample(count, condition, generator=generator, **settings)
         images = images.clamp(-1, 1).float().cpu()
         save_images(images, out, start)
@@ -265,11 +291,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
                 "n_reference": n_reference, "fid": fid, "seed": args.seed, **settings}, out, "generation FID")
 
 
-def conditioned_inputs_of(spec: str, prior: VQGANPrior, state: dict, limit: int | None,
-                          need_images: bool) -> ConditionedInputs:
-    """The inputs ``spec`` names, each with the condition ``prior`` takes (see the module docstring)."""
+def conditioned_inputs_of(spec: str, prior: VQGANPrior, state: dict, limit: int | None, need_images: bool,
+                          image_size: int | None = None) -> ConditionedInputs:
+    """The inputs ``spec`` names, each with the condition ``prior`` takes (see the module docstring), at
+    ``image_size`` (default: the prior's training size)."""
     data = data_config_of(state["config"])
-    return conditioned_inputs(spec, data, prior.condition.kind, image_size=prior.vqgan.resolution,
+    return conditioned_inputs(spec, data, prior.condition.kind, image_size=image_size or prior.vqgan.resolution,
                               channels=prior.vqgan.in_channels, limit=limit, need_images=need_images)
 
 
@@ -301,7 +328,12 @@ def sample_conditions(args: argparse.Namespace, prior: VQGANPrior, state: dict, 
         raise UsageError("--class and --fid-ref do not go with --condition: a map-conditioned prior samples what "
                          "its maps say.")
     per_condition = args.samples_per_condition or 1
-    inputs = conditioned_inputs_of(args.condition, prior, state, args.num, need_images=False)
+    height, width = settings["grid"]
+    if height != width:
+        raise UsageError(f"condition maps are read as squares; --size {args.size[0]} {args.size[1]} is not one. "
+                         f"Give one size (--size {args.size[0]}).")
+    inputs = conditioned_inputs_of(args.condition, prior, state, args.num, need_images=False,
+                                   image_size=height * prior.vqgan.downsample_factor)
     generator = torch.Generator(device).manual_seed(args.seed)
     grid: list[tuple[torch.Tensor, ...]] = []
     shown = 0
@@ -589,6 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "writes OUT/NAME.png per map")
     sample.add_argument("--samples-per-condition", type=positive_int, default=None,
                         help="samples of each condition map (default 1; several are written as OUT/NAME_k.png)")
+    sample.add_argument("--size", type=positive_int, nargs="+", default=None, metavar="PIXELS",
+                        help="height and width of the samples in pixels (one number: a square), multiples of the "
+                             "VQGAN's downsampling, at least the prior's training size (the default); larger samples "
+                             "slide the training window over the image, with condition maps read at this size")
     add_sampling(sample)
     sample.add_argument("--fid-ref", default=None,
                         help="also compute FID against these real images: 'test', a YAML config or a folder")

@@ -239,6 +239,33 @@ def test_sample_folder_conditions(ckpts: Checkpoints, tmp_path: Path) -> None:
     assert pixels(tmp_path / "s" / "s.png").shape == (SIZE, SIZE, 3)
 
 
+# ---------------------------------------------------------------- generate.py sample --size (sliding window)
+
+
+@pytest.mark.parametrize("kind, size", [("segmentation", [24]), ("lowres", [20]), ("coord", [24, 18]),
+                                        ("classes", [18, 24]), ("unconditional", [20, 16])])
+def test_sample_beyond_the_training_size(kind: str, size: list[int], ckpts: Checkpoints, tmp_path: Path) -> None:
+    conditions = ["--condition", "test"] if kind in ("segmentation", "lowres") else []
+    run("sample", "--checkpoint", getattr(ckpts, kind), "--size", *size, *conditions, "--num", 2, "--out",
+        tmp_path / "big")
+    height, width = size * 2 if len(size) == 1 else size
+    assert all(pixels(tmp_path / "big" / name).shape == (height, width, 3) for name in ("000000.png", "000001.png"))
+
+
+def test_bad_sizes_are_refused(ckpts: Checkpoints, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def size_fails(checkpoint: Path, *args: object) -> str:
+        return fails(capsys, generate.main, "sample", "--checkpoint", checkpoint, "--out", tmp_path / "x", *args)
+
+    assert "multiples of the VQGAN's downsampling factor 2; try --size 24 20" in size_fails(ckpts.classes, "--size",
+                                                                                             23, 20)
+    assert "smaller than the prior's training size 16x16" in size_fails(ckpts.classes, "--size", 32, 8)
+    assert "--size takes the height and width" in size_fails(ckpts.classes, "--size", 16, 16, 16)
+    assert "condition maps are read as squares" in size_fails(ckpts.segmentation, "--condition", "test", "--size",
+                                                              24, 32)
+    assert "leave out --size" in size_fails(ckpts.classes, "--size", 24, "--fid-ref", "test")
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
 # ---------------------------------------------------------------- generate.py complete
 
 

@@ -11,6 +11,7 @@ from transformer import GPT
 from transformer.prior import PriorConfig, VQGANPrior
 from transformer.sampling import filter_logits, sample_tokens
 from transformer.window import Run, sample_windowed, window_runs, window_start
+from vqgan.tiled_decode import decode_grid, decode_in_tiles, tile_starts
 
 K = 12  # image codes
 
@@ -208,3 +209,33 @@ def test_bad_grids_and_condition_sizes_are_refused():
         prior.sample(1, torch.zeros(1, 1, 6, 6), grid=(2, 5))
     with pytest.raises(ValueError, match=r"give them at the size of the samples \(10x14\)"):
         prior.sample(1, torch.zeros(1, 1, 6, 6), grid=(5, 7))
+
+
+def test_tiles_cover_the_grid_with_overlap():
+    assert tile_starts(4, 4, 1) == [0] and tile_starts(10, 4, 1) == [0, 3, 6]
+    for size in range(4, 30):
+        starts = tile_starts(size, 4, 1)
+        assert starts[0] == 0 and starts[-1] == size - 4 and all(b - a <= 3 for a, b in zip(starts, starts[1:]))
+
+
+def test_tiled_decoding_blends_tiles_into_the_one_pass_image():
+    vqgan = GridVQGAN()  # decodes each code on its own, so tiles must give exactly the one-pass pixels
+    indices = torch.randint(K, (2, 7, 11), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(decode_in_tiles(vqgan, indices, (3, 3)), vqgan.decode_indices(indices), atol=1e-6)
+
+
+class SmallMemoryVQGAN(GridVQGAN):
+    """Runs out of GPU memory on grids larger than 3 x 3."""
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        if indices.shape[1] > 3 or indices.shape[2] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return super().decode_indices(indices)
+
+
+def test_a_grid_too_large_for_memory_decodes_in_tiles():
+    indices = torch.randint(K, (1, 5, 8), generator=torch.Generator().manual_seed(1))
+    images = decode_grid(SmallMemoryVQGAN(), indices, (3, 3))
+    assert torch.allclose(images, GridVQGAN().decode_indices(indices), atol=1e-6)
+    with pytest.raises(torch.OutOfMemoryError):  # not even one tile fits
+        decode_grid(SmallMemoryVQGAN(), indices, (4, 4))

@@ -36,6 +36,7 @@ from transformer.sampling import SamplingConfig
 from transformer.window import sample_windowed
 from utils.checkpoint import CheckpointError, load_state_dict_checked
 from utils.config import option
+from vqgan.tiled_decode import decode_grid
 
 Labels = int | Sequence[int] | torch.Tensor
 
@@ -351,5 +352,5 @@ class VQGANPrior(nn.Module):
                                      compile=compile, generator=generator)
             indices = tokens.view(b, *grid)
             all_indices.append(indices)
-            all_images.append(self.vqgan.decode_indices(indices))
+            all_images.append(decode_grid(self.vqgan, indices, self.latent_size))
         return torch.cat(all_indices), torch.cat(all_images)
