@@ -18,6 +18,7 @@ step and logs, samples, checkpoints and stops on a signal through the small help
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from dataloader import CheckedLoader, DataError, build_dataset, build_loader, infinite_batches, num_classes_of
+from dataloader.crops import Crops
 from dataloader.folder import folder_fingerprint
 from transformer import VQGANPrior
 from transformer.conditions import MAP_KINDS, Condition, build_condition
@@ -39,7 +41,7 @@ from utils.checkpoint import (
     set_rng_state,
     training_checkpoint,
 )
-from utils.config import ConfigError, DataConfig, building, condition_channels, save_config, to_dict
+from utils.config import ConfigError, DataConfig, building, condition_channels, save_config, to_dict, training_size
 from utils.device import autocast_dtype, configure_backends, describe_environment, resolve_device
 from utils.distributed import DistInfo, on_every_rank, wrap_ddp
 from utils.logging import TrainingLog
@@ -94,6 +96,7 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
         condition = None if cfg.data.condition == "none" else build_condition(
             cfg.transformer.condition, tokenizer=cond_vqgan, coord_levels=cfg.transformer.coord_levels,
             latent_size=vqgan.latent_size, factor=vqgan.downsample_factor)
+        check_crops(cfg, vqgan, condition)
         stage1_paths = [args.vqgan] + ([args.cond_vqgan] if cond_vqgan is not None else [])
         tokens = tokenize(vqgan, condition, cfg, stage1_paths, device, cache) if info.local_rank == 0 else None
     if tokens is None:  # the node's first process has written the cache
@@ -105,6 +108,7 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
                           f"transformer.condition=none (or data.class_labels=true for a folder with one subfolder "
                           f"per class).")
     conditions = tokens["conditions"].long() if "conditions" in tokens else labels
+    sequences = token_sequences(indices, conditions, vqgan, cfg)
 
     set_seed(cfg.train.seed)  # the same initial weights on every rank
     with building("GPT prior"):
@@ -130,7 +134,7 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
     train_prior = wrap_ddp(prior, info, device)
     if cfg.train.compile:
         train_prior = compile_module(train_prior)
-    loader = build_loader(TensorDataset(indices, conditions), cfg.train.batch_size, shuffle=True,
+    loader = build_loader(sequences, cfg.train.batch_size, shuffle=True,
                           device_type=device.type, seed=cfg.train.seed, distributed=info.enabled)
     batches = infinite_batches(loader, start_step=start_step * cfg.train.grad_accum)
     amp_dtype = autocast_dtype(device, cfg.train.precision)
@@ -191,11 +195,11 @@ def load_condition_tokenizer(cfg: Stage2Config, path: str | None,
     tokenizer = VQGAN.from_checkpoint(state, path).to(device)
     want_labels = cfg.data.num_labels if kind == "segmentation" else 0
     shape = (tokenizer.num_labels, tokenizer.in_channels, tokenizer.resolution)
-    if shape != (want_labels, condition_channels(cfg.data), cfg.data.image_size):
+    if shape != (want_labels, condition_channels(cfg.data), training_size(cfg.data)):
         what = (f"segmentation maps of {cfg.data.num_labels} labels" if kind == "segmentation"
                 else f"{kind} maps of {condition_channels(cfg.data)} channel(s)")
         raise ConfigError(f"--cond-vqgan {path} tokenizes {_tokenizer_input(tokenizer)}, but this data gives {what} "
-                          f"at {cfg.data.image_size}px. Pass the tokenizer trained on these maps (train_vqgan.py "
+                          f"at {training_size(cfg.data)}px. Pass the tokenizer trained on these maps (train_vqgan.py "
                           f"with this data section and data.content=conditions).")
     return tokenizer, state
 
@@ -211,8 +215,8 @@ def tokenize(vqgan: VQGAN, condition: Condition | None, cfg: Stage2Config, stage
     """The training split's code indices (and the tokens of its condition maps, for a ``condition`` that takes
     them), from the ``cache`` folder when these checkpoints and data were seen before."""
 
-    def training_images() -> tuple[Dataset, int]:
-        dataset = build_dataset(cfg.data, "train", augment=False)
+    def training_images() -> tuple[Dataset, int]:  # whole images: crops are taken from their code grids
+        dataset = build_dataset(dataclasses.replace(cfg.data, crop_size=None), "train", augment=False)
         return dataset, num_classes_of(dataset)
 
     coord = cfg.data.condition == "coord"
@@ -223,11 +227,44 @@ def tokenize(vqgan: VQGAN, condition: Condition | None, cfg: Stage2Config, stage
                             device, num_workers=cfg.data.num_workers, loader_class=CheckedLoader, condition=tokenizer)
 
 
+def check_crops(cfg: Stage2Config, vqgan: VQGAN, condition: Condition | None) -> None:
+    """With ``data.crop_size`` the whole images are tokenized and cropped in codes: their size must be a multiple of
+    the VQGAN's downsampling, and a condition map's tokens must lie on the codes' grid to be cropped alike."""
+    if not is_cropped(cfg.data):
+        return
+    factor = vqgan.downsample_factor
+    if cfg.data.image_size % factor:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} is not a multiple of the VQGAN's downsampling factor "
+                          f"{factor}; the whole images are tokenized and cropped in codes. Use a multiple, e.g. "
+                          f"data.image_size={cfg.data.image_size // factor * factor}.")
+    h, w = vqgan.latent_size
+    if condition is not None and condition.spatial and condition.num_tokens != h * w:
+        raise ConfigError(f"data.crop_size crops the condition's tokens with the image's codes, but the condition "
+                          f"gives {condition.num_tokens} tokens for {h}x{w} codes. Use a condition tokenizer with the "
+                          f"image VQGAN's downsampling factor {factor}.")
+
+
+def is_cropped(data: DataConfig) -> bool:
+    return data.crop_size is not None and data.crop_size < data.image_size
+
+
+def token_sequences(indices: torch.Tensor, conditions: torch.Tensor, vqgan: VQGAN, cfg: Stage2Config) -> Dataset:
+    """The training items (codes, condition tokens or label): whole code grids, or with ``data.crop_size`` random
+    windows of the whole images' code grids (the condition's tokens cropped alike), the windows the sampler slides."""
+    if not is_cropped(cfg.data):
+        return TensorDataset(indices, conditions)
+    side = cfg.data.image_size // vqgan.downsample_factor
+    grids = indices.view(len(indices), side, side)
+    if conditions.dim() == 2:  # condition tokens, on the codes' grid (check_crops)
+        conditions = conditions.view(len(conditions), side, side)
+    return Crops(TensorDataset(grids, conditions), vqgan.latent_size[0], random=True)
+
+
 def token_cache_name(stage1_paths: list[str], data: DataConfig, split: str, extra: dict | None = None) -> str:
     """The cache file of ``split``'s tokens: named by the stage-1 checkpoints, the data settings that change images
     and, for an image folder, the names, sizes and modification times of its files (so edited images are
     tokenised again)."""
-    settings = {k: v for k, v in to_dict(data).items() if k not in ("num_workers", "random_flip")}
+    settings = {k: v for k, v in to_dict(data).items() if k not in ("num_workers", "random_flip", "crop_size")}
     settings.update(extra or {})
     if data.name == "folder" and Path(data.root).is_dir():
         settings["files"] = folder_fingerprint(data.root)
@@ -316,11 +353,17 @@ def summary(prior: VQGANPrior, num_sequences: int, num_classes: int, env: str, r
 def check_stage1_matches(cfg: Stage2Config, vqgan_state: dict, vqgan_path: str) -> None:
     """The stage-1 model must have been trained on images of the size and channels ``cfg.data`` gives."""
     trained = vqgan_state["config"]["data"]
-    for key in ("image_size", "channels"):
-        if trained[key] != getattr(cfg.data, key):
-            raise ConfigError(f"data.{key}={getattr(cfg.data, key)} but the stage-1 checkpoint {vqgan_path} was "
-                              f"trained with data.{key}={trained[key]}. Use the data settings of the stage-1 run "
-                              f"(its config.yaml), or pass the matching --vqgan checkpoint.")
+    if trained["channels"] != cfg.data.channels:
+        raise ConfigError(f"data.channels={cfg.data.channels} but the stage-1 checkpoint {vqgan_path} was trained with "
+                          f"data.channels={trained['channels']}. Use the data settings of the stage-1 run (its "
+                          f"config.yaml), or pass the matching --vqgan checkpoint.")
+    trained_size = trained.get("crop_size") or trained["image_size"]
+    if trained_size != training_size(cfg.data):
+        key = "data.crop_size" if cfg.data.crop_size else "data.image_size"
+        raise ConfigError(f"{key}={training_size(cfg.data)} but the stage-1 checkpoint {vqgan_path} was trained on "
+                          f"{trained_size}px images, the window the prior learns. Train the prior on squares of "
+                          f"{trained_size}px (data.image_size, or data.crop_size for crops of larger images), or pass "
+                          f"the matching --vqgan checkpoint.")
     if trained.get("content", "images") != "images":
         raise ConfigError(f"--vqgan {vqgan_path} tokenizes condition maps (data.content={trained['content']}), not "
                           f"images. Pass the image VQGAN as --vqgan and this one as --cond-vqgan.")

@@ -225,10 +225,11 @@ def write_samples(run_dir: Path, step: int, net: VQGAN, inputs: torch.Tensor, am
 def summary(model: VQGAN, disc: Discriminator, loss: VQGANLoss, dataset_size: int, env: str,
             run_dir: Path, cfg: Stage1Config) -> str:
     what = "images" if cfg.data.content == "images" else f"{cfg.data.condition} maps"
+    size = f"{cfg.data.image_size}px" + (f", {cfg.data.crop_size}px crops" if cfg.data.crop_size else "")
     parts = {"encoder": model.encoder, "decoder": model.decoder, "quantizer": model.quantizer,
              "discriminator": disc}
     lines = ["VQGAN stage 1", f"  run folder   {run_dir}", f"  device       {env}",
-             f"  data         {cfg.data.name} ({dataset_size} train {what}, {cfg.data.image_size}px, "
+             f"  data         {cfg.data.name} ({dataset_size} train {what}, {size}, "
              f"{model.in_channels} ch)",
              f"  tokens       {model.latent_size[0]}x{model.latent_size[1]} from {model.codebook_size} codes"]
     lines += [f"  {name:<12} {count_parameters(module) / 1e6:.2f}M params" for name, module in parts.items()]

@@ -1,8 +1,8 @@
 """Build the dataset a ``DataConfig`` asks for, and tell how many classes a dataset has.
 
 Without a condition every item is ``(image, label)``: a float tensor [C,H,W] in [-1, 1] with C =
-``channels`` and H = W = ``image_size``, and an int label (0 for datasets without classes). With
-``data.condition`` items are ``(image, condition, label)``, and with ``data.content: conditions``
+``channels`` and H = W = ``image_size`` (``crop_size`` when set), and an int label (0 for datasets without
+classes). With ``data.condition`` items are ``(image, condition, label)``, and with ``data.content: conditions``
 ``(condition, label)``. The condition map is at ``image_size``, cropped and flipped with its image:
 segmentation a long [1,H,W] label map (values 0..num_labels-1, not one-hot), depth a float [1,H,W] in
 [-1, 1], lowres a float [C,H,W] (``transforms.lowres_condition``), coord a float [1,H,W] in [0, 1)
@@ -17,6 +17,7 @@ from utils.config import DataConfig, validate_data
 
 from .builtin import ShapesDataset
 from .conditions import ConditionsOnly, DerivedConditions, ImagesOnly
+from .crops import Crops
 from .errors import DatasetFormatError
 from .folder import load_folder
 from .paired import CONDITION_KINDS, has_condition_maps, load_paired
@@ -30,7 +31,9 @@ NAMES = ("builtin", "mnist", "fashion_mnist", "cifar10", "folder")
 def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = None) -> Dataset:
     """The ``split`` ('train' or 'test') of the dataset ``cfg.name``, with the items the module docstring lists.
 
-    ``augment`` (random horizontal flips) defaults to ``cfg.random_flip`` on the train split only.
+    ``augment`` (random horizontal flips) defaults to ``cfg.random_flip`` on the train split only. With
+    ``cfg.crop_size`` every item is cropped after its conditions are derived (so coordinates are positions in the
+    whole image): at random on the train split, in the centre on the test split.
     Builtin: ``num_samples`` train items and ``eval_samples`` test items (10% of ``num_samples`` when
     0), drawn from different seeds. Standard sets: the whole train split, and the first ``eval_samples``
     test images (0 = all). Folders: see ``dataloader.folder``, and ``dataloader.paired`` for
@@ -44,6 +47,8 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
     dataset = _images(cfg, split, augment)
     if cfg.condition in ("lowres", "coord"):
         dataset = DerivedConditions(dataset, cfg.condition, cfg.lowres_factor)
+    if cfg.crop_size is not None and cfg.crop_size < cfg.image_size:
+        dataset = Crops(dataset, cfg.crop_size, random=split == "train")
     if cfg.content == "conditions":
         dataset = ConditionsOnly(dataset)
     return dataset
@@ -78,6 +83,6 @@ def _images(cfg: DataConfig, split: str, augment: bool) -> Dataset:
 def num_classes_of(dataset: Dataset) -> int:
     """Number of classes of a dataset built here (looking through ``Subset`` and the condition views); 0 when it
     has none."""
-    while isinstance(dataset, (Subset, DerivedConditions, ConditionsOnly, ImagesOnly)):
+    while isinstance(dataset, (Subset, DerivedConditions, ConditionsOnly, ImagesOnly, Crops)):
         dataset = dataset.dataset
     return int(getattr(dataset, "num_classes", 0))

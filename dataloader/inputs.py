@@ -102,17 +102,25 @@ def folder_images(root: Path, image_size: int, channels: int) -> FolderDataset:
     return FolderDataset(paths, [0] * len(paths), [], image_size, channels, root=root)
 
 
+def at_size(data: DataConfig, image_size: int, channels: int) -> DataConfig:
+    """``data`` giving squares of ``image_size`` with ``channels``: its centre crops where a model trained on its crops
+    of that size (``data.crop_size``), else its whole images resized."""
+    if data.crop_size == image_size:
+        return dataclasses.replace(data, channels=channels)
+    return dataclasses.replace(data, image_size=image_size, crop_size=None, channels=channels)
+
+
 def resolve_images(spec: str, trained_on: DataConfig, *, image_size: int, channels: int,
                    limit: int | None = None) -> ImageSet:
     """The images ``spec`` names (see the module docstring); the first ``limit`` of them when given."""
     path = Path(spec)
     if spec == OWN_TEST_SPLIT:
-        data = dataclasses.replace(trained_on, image_size=image_size, channels=channels)
+        data = at_size(trained_on, image_size, channels)
         image_set = ImageSet(_test_images(data), f"test split of the training data ({data.name})", data.num_workers)
     elif path.suffix.lower() in CONFIG_SUFFIXES:
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist.")
-        data = dataclasses.replace(read_data_section(path), image_size=image_size, channels=channels)
+        data = at_size(read_data_section(path), image_size, channels)
         image_set = ImageSet(_test_images(data), f"test split of {path} ({data.name})", data.num_workers)
     elif path.is_file():
         raise DatasetNotFoundError(f"input '{path}' is a file but not a YAML config. Pass a folder of images, "
@@ -282,7 +290,7 @@ def conditioned_inputs(spec: str, trained_on: DataConfig, kind: str, *, image_si
         if kind in ("segmentation", "depth", "lowres", "coord") and data.condition != kind:
             raise ConfigError(f"{spec}: its data gives {data.condition} condition maps, but the prior is conditioned "
                               f"on {kind}; pass data with data.condition={kind}.")
-        data = dataclasses.replace(data, image_size=image_size, channels=channels, content="images")
+        data = dataclasses.replace(at_size(data, image_size, channels), content="images")
         base = build_dataset(data, "test", augment=False)
         layout = "pairs" if data.condition == "none" else "triples"
         items = _ConditionedItems(base, layout)

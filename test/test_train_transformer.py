@@ -190,7 +190,9 @@ def test_truncated_vqgan_checkpoint(config: Path, workdir: Path, stage1: Path, c
 def test_data_settings_must_match_stage1(config: Path, workdir: Path, stage1: Path,
                                          capsys: pytest.CaptureFixture) -> None:
     err = fails(config, workdir / "run", stage1, capsys, "data.image_size=32")
-    assert "data.image_size=32" in err and "trained with data.image_size=16" in err
+    assert "data.image_size=32" in err and "trained on 16px images" in err and "data.crop_size" in err
+    err = fails(config, workdir / "run", stage1, capsys, "data.channels=1")
+    assert "data.channels=1" in err and "trained with data.channels=3" in err
 
 
 def test_unconditional_data_with_class_conditional_prior(config: Path, workdir: Path, stage1: Path,

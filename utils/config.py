@@ -31,7 +31,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, TypeVar, Union
+from typing import Any, Iterator, Literal, Optional, TypeVar, Union
 
 import yaml
 
@@ -51,6 +51,9 @@ class DataConfig:
         "builtin", "dataset: builtin (procedural, offline), mnist, fashion_mnist, cifar10 or folder")
     root: str = option("data", "where the dataset lives (or is downloaded to); an image folder for name=folder")
     image_size: int = option(32, "images are resized (and center-cropped) to this square size")
+    crop_size: Optional[int] = option(
+        None, "train on square crops of this size (pixels) of the image_size images: random crops in training, "
+              "centre crops in evaluation, the same crop for an image and its condition map; models see crop_size")
     channels: int = option(3, "1 (grayscale) or 3 (RGB); images are converted to this")
     num_workers: int = option(2, "DataLoader worker processes (0 loads in the main process)")
     random_flip: bool = option(False, "random horizontal flips while training")
@@ -140,6 +143,11 @@ def check_counts(section: str, config: Any, minimum: dict[str, int], example: di
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
+def training_size(data: DataConfig) -> int:
+    """The size of the squares models train on: ``data.crop_size`` when set, else ``data.image_size``."""
+    return data.crop_size or data.image_size
+
+
 def validate_data(data: DataConfig) -> None:
     """Raise ConfigError on impossible values of the ``data`` section (also checked when a dataset is built)."""
     check(data.channels in (1, 3), f"data.channels must be 1 or 3, got {data.channels}.")
@@ -148,6 +156,10 @@ def validate_data(data: DataConfig) -> None:
                                 "num_labels": 0, "lowres_factor": 1},
                  {"num_workers": 2, "num_samples": 20000, "num_classes": 10, "eval_samples": 2000, "num_labels": 0,
                   "lowres_factor": 4})
+    if data.crop_size is not None:
+        check_value("data.crop_size", data.crop_size, 0 < data.crop_size <= data.image_size,
+                    f"a size from 1 to data.image_size ({data.image_size}), or null for whole images",
+                    data.image_size // 2)
     _validate_condition(data)
 
 

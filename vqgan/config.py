@@ -16,6 +16,7 @@ from utils.config import (
     check_value,
     input_channels,
     option,
+    training_size,
     validate_data_and_train,
 )
 from vqgan.discriminator import Discriminator, DiscriminatorConfig, logit_map_size
@@ -54,19 +55,20 @@ class Stage1Config:
         self._validate_model()
         self._validate_disc_and_loss()
         factor = 2 ** (len(self.model.ch_mult) - 1)
-        check(self.data.image_size % factor == 0,
-              f"data.image_size={self.data.image_size} is not divisible by the downsample factor {factor} "
+        key, size = self._size()
+        check(size % factor == 0,
+              f"{key}={size} is not divisible by the downsample factor {factor} "
               f"(2 ** (len(model.ch_mult) - 1)). Use an image size that is a multiple of {factor} "
               f"or change model.ch_mult.")
         check(self.model.codebook_size >= 2, f"model.codebook_size must be at least 2, got {self.model.codebook_size}.")
         check(self.model.beta >= 0, f"model.beta must be non-negative, got {self.model.beta}.")
         try:
-            level_sizes(self.data.image_size, self.model.ch_mult, self.model.attn_resolutions)
+            level_sizes(size, self.model.ch_mult, self.model.attn_resolutions)
         except ValueError as err:
             raise ConfigError(f"model.attn_resolutions={list(self.model.attn_resolutions)} does not fit "
-                               f"data.image_size={self.data.image_size}: {err}") from None
-        patch = logit_map_size(self.data.image_size, self.disc.n_layers)
-        check(patch >= 1, f"disc.n_layers={self.disc.n_layers} is too deep for data.image_size={self.data.image_size}: "
+                               f"{key}={size}: {err}") from None
+        patch = logit_map_size(size, self.disc.n_layers)
+        check(patch >= 1, f"disc.n_layers={self.disc.n_layers} is too deep for {key}={size}: "
                           f"the discriminator's logit map would be {patch}x{patch}. Use fewer layers, "
                           f"e.g. disc.n_layers={self._deepest_disc()}, or larger images.")
         self._validate_labels()
@@ -124,9 +126,15 @@ class Stage1Config:
                   f"loss.{key}={getattr(self.loss, key)}, but LPIPS and the GAN judge pictures, not label maps: set "
                   f"loss.{key}=0 for a segmentation tokenizer.")
 
+    def _size(self) -> tuple[str, int]:
+        """The key and value of the size the model trains on (the crops when ``data.crop_size`` is set)."""
+        if self.data.crop_size is not None:
+            return "data.crop_size", self.data.crop_size
+        return "data.image_size", self.data.image_size
+
     def _deepest_disc(self) -> int:
         layers = 1
-        while logit_map_size(self.data.image_size, layers + 1) >= 1:
+        while logit_map_size(training_size(self.data), layers + 1) >= 1:
             layers += 1
         return layers
 
@@ -141,7 +149,7 @@ def build_stage1(cfg: Stage1Config) -> tuple[VQGAN, Discriminator, VQGANLoss]:
     tokenizer, or a tokenizer of the condition maps with ``data.content=conditions``."""
     with building("stage-1 model"):
         channels = input_channels(cfg.data)
-        model = VQGAN(cfg.model, in_channels=channels, resolution=cfg.data.image_size,
+        model = VQGAN(cfg.model, in_channels=channels, resolution=training_size(cfg.data),
                       num_labels=segmentation_labels(cfg.data))
         disc = Discriminator(channels, cfg.disc)
         return model, disc, VQGANLoss(cfg.loss)
