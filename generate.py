@@ -142,9 +142,11 @@ def report(metrics: dict[str, Any], out_dir: Path, title: str) -> None:
 
 
 def sampling_settings(prior: VQGANPrior, state: dict, args: argparse.Namespace) -> dict[str, Any]:
-    """Temperature, top-k, top-p, CFG scale and compile: the flags given, else the checkpoint's ``sample`` section."""
+    """Temperature, top-k, top-p, CFG scale, compile and window caches: the flags given, else the checkpoint's
+    ``sample`` section."""
     defaults = from_dict(Stage2Config, state["config"]).sample
-    given = {key: getattr(args, key, None) for key in ("temperature", "top_k", "top_p", "cfg_scale", "compile")}
+    given = {key: getattr(args, key, None) for key in ("temperature", "top_k", "top_p", "cfg_scale", "compile",
+                                                        "window_caches")}
     settings = {key: getattr(defaults, key) if value is None else value for key, value in given.items()}
     if settings["top_k"] == 0:
         settings["top_k"] = None
@@ -598,6 +600,9 @@ def add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="decode with the one-token step under torch.compile, CUDA graphs on CUDA (default: "
                              "the checkpoint's sample.compile)")
+    parser.add_argument("--window-caches", type=non_negative_int, default=None,
+                        help="beyond the training size: KV caches kept for windows that come back in a later row; "
+                             "lower it if memory runs out (default: the checkpoint's sample.window_caches)")
     parser.add_argument("--seed", type=any_int, default=0, help="random seed; the same seed gives the same images")
 
 

@@ -129,15 +129,18 @@ def test_overfits_a_few_sequences():
     assert loss.item() < 0.05
 
 
+@pytest.mark.parametrize("prefill", [False, True])
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
-def test_forward_at_positions_gives_the_full_forward_logits(positions):
+def test_forward_at_positions_gives_the_full_forward_logits(positions, prefill):
     """The call compiled sampling makes: one token at a position given as a tensor, the cache untouched
-    otherwise (``length`` stays where it is)."""
+    otherwise (``length`` stays where it is); the first tokens fill the cache with or without ``prefill``."""
     gpt = tiny_gpt(positions, out_vocab_size=12)
     idx = torch.randint(VOCAB, (3, BLOCK))
     full = gpt(idx)[0]
     cache = gpt.new_cache(3)
-    logits = [gpt.forward_at(idx[:, :4], torch.arange(4), cache)]
+    logits = [gpt.forward_at(idx[:, :4], torch.arange(4), cache, prefill=prefill)]
+    last = gpt.forward_at(idx[:, :4], torch.arange(4), gpt.new_cache(3), last_only=True, prefill=prefill)
+    torch.testing.assert_close(last, full[:, 3:4], atol=1e-5, rtol=0)
     position = torch.tensor([4])
     for t in range(4, BLOCK):
         logits.append(gpt.forward_at(idx[:, t:t + 1], position, cache))

@@ -239,3 +239,28 @@ def test_a_grid_too_large_for_memory_decodes_in_tiles():
     assert torch.allclose(images, GridVQGAN().decode_indices(indices), atol=1e-6)
     with pytest.raises(torch.OutOfMemoryError):  # not even one tile fits
         decode_grid(SmallMemoryVQGAN(), indices, (4, 4))
+
+
+def test_revisited_windows_reuse_their_caches_and_give_the_same_tokens(monkeypatch):
+    window, grid = (3, 3), (7, 8)
+    gpt = tiny_gpt(1, window, vocab=K + 1)
+    prefix = torch.full((2, 1), K)
+    fed = []
+    forward_at = GPT.forward_at
+
+    def counting(self, idx, *args, **kwargs):
+        fed.append(idx.shape[1])
+        return forward_at(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward_at", counting)
+    runs = {}
+    for keep in (0, 64):
+        fed.clear()
+        runs[keep] = sample_windowed(gpt, prefix, grid, window, window_caches=keep,
+                                     generator=torch.Generator().manual_seed(8))
+        runs[keep, "tokens"] = sum(fed)
+    assert torch.equal(runs[0], runs[64])
+    assert torch.equal(runs[64], reference_sample(gpt, prefix, grid, window, torch.Generator().manual_seed(8)))
+    assert runs[64, "tokens"] < 0.8 * runs[0, "tokens"]
+    # taming's loop feeds the whole window, 1 + 9 - 1 tokens, for each of the 56 codes
+    assert runs[64, "tokens"] < 0.5 * 56 * 9

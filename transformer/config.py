@@ -77,3 +77,4 @@ def check_sampling(s: SamplingConfig, names: dict[str, str] | None = None) -> No
     check_value(name("top_k"), s.top_k, s.top_k is None or s.top_k >= 1, "null (off) or at least 1", 100)
     check_value(name("top_p"), s.top_p, s.top_p is None or 0 < s.top_p <= 1, "null (off) or in (0, 1]", 0.95)
     check_value(name("cfg_scale"), s.cfg_scale, s.cfg_scale >= 0, "0 or more (1 = no guidance)", 1.5)
+    check_value(name("window_caches"), s.window_caches, s.window_caches >= 0, "0 or more", 64)

@@ -84,17 +84,18 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                positions: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+                positions: torch.Tensor, cache: KVCache | None, layer: int, prefill: bool) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         mask = None
         if cache is not None:
-            k, v = cache.write(layer, positions, k, v)
-            # Each query sees the cache up to its own position; a fixed-size mask keeps shapes static.
-            mask = torch.arange(cache.max_len, device=x.device) <= positions[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None,
+            keys, values = cache.write(layer, positions, k, v)
+            if not prefill:  # each query sees the cache up to its own position; a fixed-size mask keeps shapes static
+                k, v = keys, values
+                mask = torch.arange(cache.max_len, device=x.device) <= positions[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -119,8 +120,8 @@ class Block(nn.Module):
         self.mlp = MLP(n_embd, dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                positions: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, positions, cache, layer)
+                positions: torch.Tensor, cache: KVCache | None, layer: int, prefill: bool) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, positions, cache, layer, prefill)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -167,7 +168,7 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def _run(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-             last_only: bool = False) -> torch.Tensor:
+             last_only: bool = False, prefill: bool = False) -> torch.Tensor:
         x = self.tok_emb(idx)
         rope = None
         if self.pos_emb is not None:
@@ -176,7 +177,7 @@ class GPT(nn.Module):
             rope = self.rotary(positions)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, positions, cache, layer)
+            x = block(x, rope, positions, cache, layer, prefill)
         if last_only:
             x = x[:, -1:]
         return self.head(self.ln_f(x))
@@ -208,20 +209,22 @@ class GPT(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length} used, "
                              f"{idx.shape[1]} more requested.")
         positions = torch.arange(cache.length, cache.length + idx.shape[1], device=idx.device)
-        logits = self.forward_at(idx, positions, cache)
+        logits = self.forward_at(idx, positions, cache, prefill=cache.length == 0)
         cache.length += idx.shape[1]
         return logits
 
-    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                   last_only: bool = False) -> torch.Tensor:
+    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False,
+                   prefill: bool = False) -> torch.Tensor:
         """Logits [B, t, out_vocab_size] of tokens ``idx`` [B, t] at ``positions`` [t] (a long tensor, every
         earlier position already in ``cache``), whose keys and values are written into ``cache``; with
         ``last_only`` the logits of the last position only [B, 1, out_vocab_size] (the output head skips the rest).
+        ``prefill``: the tokens are positions ``0 .. t-1``, so attention runs over their own keys (causal) instead of
+        the whole cache under a mask: the same values, less work.
 
         Nothing here depends on Python values that change from token to token (``cache.length`` is
         neither read nor moved), so a ``torch.compile`` of this call decodes every token with one graph.
         """
-        return self._run(idx, positions, cache, last_only)
+        return self._run(idx, positions, cache, last_only, prefill)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: decay on every matrix (linear weights and embeddings, as in

@@ -317,7 +317,7 @@ class VQGANPrior(nn.Module):
                grid: Sequence[int] | None = None, temperature: float = SamplingConfig.temperature,
                top_k: int | None = SamplingConfig.top_k, top_p: float | None = SamplingConfig.top_p,
                cfg_scale: float = SamplingConfig.cfg_scale, compile: bool = SamplingConfig.compile,
-               generator: torch.Generator | None = None,
+               window_caches: int = SamplingConfig.window_caches, generator: torch.Generator | None = None,
                batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``num`` code grids and decode them: (indices [N, H, W], images [N, C, H*f, W*f]).
 
@@ -329,7 +329,8 @@ class VQGANPrior(nn.Module):
         [N, k] (completion): the first ``k`` codes of every sample in raster order, kept as they are; the rest
         is sampled. ``cfg_scale`` mixes the conditional and null-condition predictions (classifier-free
         guidance); ``compile`` decodes with the compiled one-token step (see
-        :func:`transformer.sampling.sample_tokens`). Samples are drawn ``batch_size`` (default: all) at a time.
+        :func:`transformer.sampling.sample_tokens`); ``window_caches`` see :func:`transformer.window.sample_windowed`.
+        Samples are drawn ``batch_size`` (default: all) at a time.
         """
         grid = self.latent_size if grid is None else self.check_grid(grid)
         total = grid[0] * grid[1]
@@ -349,7 +350,7 @@ class VQGANPrior(nn.Module):
             codes = None if given is None else given[start:start + b].to(device).long()
             tokens = sample_windowed(self.gpt, prefix, grid, self.latent_size, given=codes, uncond_prefix=uncond,
                                      temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                                     compile=compile, generator=generator)
+                                     compile=compile, generator=generator, window_caches=window_caches)
             indices = tokens.view(b, *grid)
             all_indices.append(indices)
             all_images.append(decode_grid(self.vqgan, indices, self.latent_size))

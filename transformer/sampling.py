@@ -11,7 +11,8 @@ dominates small decoding steps).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,6 +31,9 @@ class SamplingConfig:
     top_p: Optional[float] = option(None, "keep the smallest set of codes whose probability reaches p")
     cfg_scale: float = option(1.0, "classifier-free guidance scale (1 = plain conditional)")
     compile: bool = option(False, "torch.compile the one-token decoding step (CUDA graphs on CUDA)")
+    window_caches: int = option(
+        64, "sampling beyond the training size: KV caches kept for windows that come back in a later row (each "
+            "holds batch x n_layer x 2 x block_size x n_embd values); 0 recomputes them")
 
 
 def check_filters(top_k: int | None, top_p: float | None) -> None:
@@ -92,55 +96,70 @@ def sample_tokens(gpt: GPT, prefix: torch.Tensor, num_tokens: int, *, temperatur
                   top_k: int | None = SamplingConfig.top_k, top_p: float | None = SamplingConfig.top_p,
                   cfg_scale: float = SamplingConfig.cfg_scale, compile: bool = SamplingConfig.compile,
                   uncond_prefix: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  use_cache: bool = True, cache: KVCache | None = None) -> torch.Tensor:
+                  use_cache: bool = True) -> torch.Tensor:
     """Sample ``num_tokens`` tokens [B, num_tokens] after ``prefix`` [B, P].
 
     With ``cfg_scale != 1`` the conditional ``prefix`` and ``uncond_prefix`` (same shape) run as
     one doubled batch and the next-token logits are ``uncond + cfg_scale * (cond - uncond)``.
     ``compile`` runs the cached one-token step through ``torch.compile`` (see the module docstring);
-    ``use_cache=False`` recomputes the full sequence at every step (slow reference path). ``cache``: a KV
-    cache of the (doubled) batch with room for ``P + num_tokens - 1`` positions to decode into, instead of a
-    new one (the sliding-window sampler keeps one for all its runs, so a compiled step sees one shape). The model
+    ``use_cache=False`` recomputes the full sequence at every step (slow reference path). The model
     is put in eval mode while sampling and restored afterwards.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}.")
-    check_filters(top_k, top_p)
-    if num_tokens < 1:
-        raise ValueError(f"num_tokens must be at least 1, got {num_tokens}.")
+    check_sampling_options(temperature, top_k, top_p, num_tokens)
     guided = cfg_scale != 1.0
     if guided:
         if uncond_prefix is None or uncond_prefix.shape != prefix.shape:
             raise ValueError("cfg_scale != 1 needs an uncond_prefix of the same shape as prefix.")
         prefix = torch.cat([prefix, uncond_prefix])
+    options = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale if guided else None,
+               "generator": generator}
+    with eval_mode(gpt):
+        if not use_cache:
+            sequence = prefix
+
+            def recompute(token: torch.Tensor) -> torch.Tensor:
+                nonlocal sequence
+                sequence = torch.cat([sequence, token], dim=1)
+                return gpt(sequence)[0][:, -1]
+
+            return draw_tokens(gpt(prefix)[0][:, -1], num_tokens, recompute, **options)
+        length = prefix.shape[1]
+        cache = gpt.new_cache(len(prefix), length + num_tokens - 1)
+        logits = gpt.forward_at(prefix, torch.arange(length, device=prefix.device), cache, last_only=True,
+                                prefill=True)[:, -1]
+        return draw_tokens(logits, num_tokens, cached_feed(gpt, cache, length, compile), **options)
+
+
+def check_sampling_options(temperature: float, top_k: int | None, top_p: float | None, num_tokens: int) -> None:
+    """Raise ValueError for settings no sampler can use."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    check_filters(top_k, top_p)
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be at least 1, got {num_tokens}.")
+
+
+@contextlib.contextmanager
+def eval_mode(gpt: GPT) -> Iterator[None]:
+    """The GPT in eval mode for the block, then back in the mode it had."""
     was_training = gpt.training
     gpt.eval()
     try:
-        if use_cache and cache is None:
-            cache = gpt.new_cache(len(prefix), prefix.shape[1] + num_tokens - 1)
-        return _decode(gpt, prefix, num_tokens, temperature, top_k, top_p, cfg_scale if guided else None,
-                       generator, cache if use_cache else None, compile)
+        yield
     finally:
         gpt.train(was_training)
 
 
-def _decode(gpt: GPT, prefix: torch.Tensor, num_tokens: int, temperature: float, top_k: int | None,
-            top_p: float | None, cfg_scale: float | None, generator: torch.Generator | None,
-            cache: KVCache | None, compiled: bool) -> torch.Tensor:
-    """The sampling loop of :func:`sample_tokens`; ``prefix`` is already doubled when ``cfg_scale`` is set, and
-    ``cache`` is None for the recomputing reference."""
-    batch, length = prefix.shape
-    out = prefix.new_empty(batch // 2 if cfg_scale is not None else batch, num_tokens)
-    seq = prefix
-    use_cache = cache is not None
-    if use_cache:
-        if length + num_tokens - 1 > cache.max_len:
-            raise ValueError(f"the KV cache holds {cache.max_len} positions; {length + num_tokens - 1} are needed.")
-        logits = gpt.forward_at(prefix, torch.arange(length, device=prefix.device), cache, last_only=True)[:, -1]
-        position = torch.tensor([length], device=prefix.device)
-        step = compiled_decode_step(prefix.device) if compiled else decode_step
-    else:
-        logits = gpt(prefix)[0][:, -1]
+Feed = Callable[[torch.Tensor], torch.Tensor]
+
+
+def draw_tokens(logits: torch.Tensor, num_tokens: int, feed: Feed, *, temperature: float, top_k: int | None,
+                top_p: float | None, cfg_scale: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """``num_tokens`` tokens [B, num_tokens]: the first drawn from the next-token ``logits``, each later one from the
+    logits ``feed`` returns for the token before it. With ``cfg_scale`` the rows of ``logits`` are the conditional
+    batch then the unconditional one, mixed before each draw, and ``feed`` gets every token for both."""
+    batch = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
+    out = torch.empty(batch, num_tokens, dtype=torch.long, device=logits.device)
     for i in range(num_tokens):
         scores = logits.float()
         if cfg_scale is not None:
@@ -148,19 +167,25 @@ def _decode(gpt: GPT, prefix: torch.Tensor, num_tokens: int, temperature: float,
             scores = uncond + cfg_scale * (cond - uncond)
         token = next_tokens(scores, temperature, top_k, top_p, generator)
         out[:, i:i + 1] = token
-        if i + 1 == num_tokens:
-            break
-        if cfg_scale is not None:
-            token = token.repeat(2, 1)
-        if use_cache:
-            if compiled:
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are used up
-            logits = step(gpt, token, position, cache)
-            position += 1
-        else:
-            seq = torch.cat([seq, token], dim=1)
-            logits = gpt(seq)[0][:, -1]
+        if i + 1 < num_tokens:
+            logits = feed(token.repeat(2, 1) if cfg_scale is not None else token)
     return out
+
+
+def cached_feed(gpt: GPT, cache: KVCache, position: int, compiled: bool) -> Feed:
+    """A ``feed`` for :func:`draw_tokens` that appends each token to ``cache`` (from ``position`` on) with the
+    one-token step, compiled when asked (see the module docstring)."""
+    step = compiled_decode_step(cache.keys[0].device) if compiled else decode_step
+    where = torch.tensor([position], device=cache.keys[0].device)
+
+    def feed(token: torch.Tensor) -> torch.Tensor:
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are used up
+        logits = step(gpt, token, where, cache)
+        where.add_(1)
+        return logits
+
+    return feed
 
 
 def decode_step(gpt: GPT, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
