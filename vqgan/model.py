@@ -14,7 +14,7 @@ from utils.checkpoint import CheckpointError, load_state_dict_checked
 from utils.config import option
 from vqgan.decoder import Decoder
 from vqgan.encoder import Encoder
-from vqgan.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer
+from vqgan.quantizer import GumbelQuantizer, QuantizerConfig, QuantizerOutput, VectorQuantizer
 
 
 @dataclass
@@ -69,7 +69,7 @@ class VQGAN(nn.Module):
         self.encoder = Encoder(**shape, in_channels=in_channels)
         self.decoder = Decoder(**shape, out_channels=in_channels)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, kernel_size=1)
-        self.quantizer = VectorQuantizer(config)
+        self.quantizer = GumbelQuantizer(config) if config.quantizer == "gumbel" else VectorQuantizer(config)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
 
     @property
