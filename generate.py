@@ -52,6 +52,7 @@ from utils.logging import MetricsFileError, read_metrics
 from utils.pictures import save_grid, save_images, save_reconstruction_grid, training_curves_picture
 from utils.run_dir import prove_writable
 from utils.script import StrictParser, clean_exit
+from utils.taming_files import read_taming
 from vqgan import LPIPS, VQGAN, LPIPSWeightsError, LPIPSWeightsMismatchError
 from vqgan.evaluation import ReconstructionMetrics, decode_batches, reconstruct_batches
 from vqgan.pictures import tokenizer_pictures
@@ -504,7 +505,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
 
 
 def cmd_import_taming(args: argparse.Namespace) -> None:
-    _, lines = import_taming(args.checkpoint, args.out, args.resolution, args.config, args.force)
+    _, lines = import_taming(read_taming(args.checkpoint, args.config), args.out, args.resolution, args.force)
     print("\n".join(lines))
 
 
