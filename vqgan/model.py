@@ -46,6 +46,9 @@ class VQGAN(nn.Module):
     rebuilds the model from it (checkpoints store it). Stage 2 relies only on
     :meth:`encode_to_indices`, :meth:`decode_indices`, :attr:`latent_size` and :attr:`codebook_size`.
 
+    ``config.quantizer`` picks the quantizer: ``nearest`` (:class:`~vqgan.quantizer.VectorQuantizer`, trained
+    here) or ``gumbel`` (:class:`~vqgan.quantizer.GumbelQuantizer`, for taming's Gumbel VQGANs, imported only).
+
     With ``num_labels`` > 0 the model tokenizes segmentation maps (taming's ``VQSegmentationModel``): its
     inputs are label maps [B, 1, H, W] of ids ``0 .. num_labels - 1``, which the encoder sees one-hot
     (``in_channels`` must equal ``num_labels``), and its outputs are per-pixel label logits

@@ -125,8 +125,11 @@ def summary(conversion: TamingConversion, cfg: Stage1Config, out: Path, lpips: t
              + (f" (taming step {info['global_step']})" if "global_step" in info else "")]
     if conversion.disc_state is not None:
         lines.append(f"  discriminator: PatchGAN, {cfg.disc.n_layers} layers, ndf {cfg.disc.ndf}")
-    else:
+    elif m.quantizer == "nearest":
         lines.append("  no discriminator in the file: train.init_from will start one from scratch")
+    if m.quantizer == "gumbel":
+        lines.append("  not trained here (model.quantizer=gumbel): use it to reconstruct, tokenize, or as a prior's "
+                     "first stage")
     if lpips[0] is not None or lpips[1] is not None:
         lines.append("  LPIPS weights for fine-tuning with the perceptual loss, use these overrides:")
         lines.append("    " + " ".join(f"loss.lpips_{name}_path={path}" for name, path in zip(("vgg", "heads"), lpips)
