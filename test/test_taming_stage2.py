@@ -27,6 +27,7 @@ from transformer.config import Stage2Config
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, from_dict, load_config
 from utils.taming_files import read_taming_checkpoint
+from vqgan import VQGAN, VQGANConfig
 from vqgan.config import Stage1Config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -157,7 +158,7 @@ def _edited_config(kind: str, folder: Path, edit: dict) -> Path:
 
 
 @pytest.mark.parametrize("case", ["no config", "permuter", "unknown condition stage", "config mismatch",
-                                  "no n_head", "resized conditions", "more classes than tokens"])
+                                  "no n_head", "resized conditions", "more classes than tokens", "too long"])
 def test_unconvertible_transformers_are_refused(case: str, taming_files: dict[str, Path], tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
     gpt = yaml.safe_load((FIXTURES / "taming_stage2_class.yaml").read_text())["model"]["params"]["transformer_config"]
@@ -178,6 +179,9 @@ def test_unconvertible_transformers_are_refused(case: str, taming_files: dict[st
     args = ["--checkpoint", taming_files["class"]]
     if case == "no config":
         phrases = ["Net2NetTransformer", "only its config says", "--config"]
+    elif case == "too long":  # 16x16 images: 64 tokens, more than the GPT's 17 positions
+        args += ["--config", FIXTURES / "taming_stage2_class.yaml", "--resolution", 16]
+        phrases = ["block_size 17", "need 64 positions"]
     else:
         edit, phrases = edits[case]
         if case == "no n_head":
@@ -243,3 +247,5 @@ def test_gumbel_vqgan_works_in_generate_and_refuses_training(converted: dict[str
     vqgan, _ = generate.load_vqgan(str(path), torch.device("cpu"))
     with pytest.raises(RuntimeError, match="training it is not supported"):
         vqgan.train()(torch.zeros(1, 3, RESOLUTION, RESOLUTION))
+    with pytest.raises(ValueError, match="none of the codebook_dim, l2_norm and ema options"):
+        VQGAN(VQGANConfig(quantizer="gumbel", ema=True), in_channels=3, resolution=RESOLUTION)

@@ -8,7 +8,9 @@ modules it describes. The networks compute the same functions as taming's; only 
 * ``decoder.up.{level}``, stored finest level first -> ``decoder.up.{L-1-level}``, in the order they run;
 * ``quantize.embedding.weight`` -> ``quantizer.codebook``; for a Gumbel-softmax VQGAN (``GumbelVQ``, such as
   vqgan_gumbel_f8) ``quantize.embed.weight`` -> ``quantizer.codebook`` and ``quantize.proj`` -> ``quantizer.proj``
-  of a :class:`~vqgan.quantizer.GumbelQuantizer`;
+  of a :class:`~vqgan.quantizer.GumbelQuantizer` (``GumbelVQ`` keeps ``VQModel``'s ``quant_conv`` [z_channels ->
+  embed_dim] and ``post_quant_conv`` [embed_dim -> z_channels], and ``proj`` reads ``quant_conv``'s output, so
+  taming's own code runs only when z_channels = embed_dim, as in vqgan_gumbel_f8; other shapes are refused);
 * ``loss.discriminator.*`` -> the :class:`~vqgan.discriminator.Discriminator`, names unchanged;
 * ``loss.perceptual_loss.net.sliceK.N.*`` -> ``features.N.*`` of a torchvision VGG16 state dict;
 * ``loss.perceptual_loss.linI.*`` -> ``linI.*`` of an LPIPS ``vgg.pth`` heads file.
