@@ -46,7 +46,8 @@ class TamingCondition:
     ``kind`` is a :data:`transformer.conditions.ConditionKind`; ``stage`` says where the weights of a condition
     tokenizer are (``cond`` for ``cond_stage_model.*``, ``first`` when taming uses the first stage itself, None
     without one); ``labels`` marks a segmentation tokenizer. ``sos_token`` is the start token of an unconditional
-    model, ``num_classes`` the classes of a class-conditional one, ``coord_levels`` the levels of a coordinate one.
+    model, ``num_classes`` the classes of a class-conditional one, ``coord_levels`` and ``coord_factor`` the levels
+    and the pixels per token (``n_embed``, ``down_factor``) of a coordinate one; ``target`` names taming's stage.
     """
 
     kind: str

@@ -37,7 +37,9 @@ from vqgan.taming import TamingConversion, TamingFormatError, convert_taming_sta
 from vqgan.taming_import import default_resolution, import_taming
 
 KIND = "transformer"
-FIX_CONFIG = "Pass the model.yaml published with this checkpoint (taming's configs/*.yaml for it) as --config."
+FIX_CONFIG = "Pass the config published with this checkpoint (configs/*-project.yaml in its folder) as --config."
+FIX_FORMAT = ("Check that --config is the config published with this checkpoint; what the message names has no "
+              "counterpart here otherwise.")
 
 
 def import_taming_checkpoint(checkpoint: str | Path, out: str | Path, resolution: int | None = None,
@@ -59,8 +61,7 @@ def import_taming_prior(source: TamingSource, out: Path, resolution: int | None 
     try:
         prior, condition, stages = _build_prior(source, resolution)
     except TamingFormatError as err:
-        raise TamingFileError(f"{source.where()} {err}. {FIX_CONFIG.replace('Pass', 'Check that you passed')}") \
-            from err
+        raise TamingFileError(f"{source.where()} {err}. {FIX_FORMAT}") from err
     cfg = stage2_config(prior, condition)
     if out.exists() and not force:
         raise TamingFileError(f"{out} already exists; pass another --out or add --force to overwrite.")
