@@ -195,6 +195,13 @@ def test_unconvertible_transformers_are_refused(case: str, taming_files: dict[st
     assert not out.parent.exists()
 
 
+def test_a_converted_prior_needs_no_import(converted: dict[str, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    err = script_fails(capsys, generate.main, "import-taming", "--checkpoint", converted["class"], "--out",
+                       tmp_path / "again.pt")
+    assert "checkpoint of this repository (kind 'transformer')" in err and "generate.py sample or complete" in err
+
+
 def test_existing_output_is_kept_unless_forced(taming_files: dict[str, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "prior.pt"

@@ -131,9 +131,10 @@ def read_taming_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], d
             f"'{path}' is truncated or corrupt and cannot be read ({str(err).splitlines()[0] if str(err) else err!r})."
             f" Download it again (its size should match the published file).") from err
     if isinstance(loaded, dict) and "kind" in loaded and "model" in loaded:
+        use = ("generate.py sample or complete" if loaded["kind"] == "transformer"
+               else "generate.py, train_transformer.py --vqgan or train.init_from")
         raise TamingFileError(f"'{path}' is a checkpoint of this repository (kind '{loaded['kind']}'), not a "
-                              f"taming-transformers one, so it needs no import: pass it directly to generate.py, "
-                              f"train_transformer.py --vqgan or train.init_from.")
+                              f"taming-transformers one, so it needs no import: pass it directly to {use}.")
     weights = loaded.get(WEIGHTS_KEY) if isinstance(loaded, dict) else None
     if weights is None and isinstance(loaded, dict) and any(key in loaded for key in BARE_KEYS):
         weights = loaded  # a bare state dict
