@@ -75,7 +75,7 @@ def fitting_disc_layers(resolution: int) -> int:
 
 def default_resolution(model_config: dict[str, Any] | None) -> int:
     """The image size of a taming ``model`` config section (``params.ddconfig.resolution``), else 256."""
-    dd = (model_config or {}).get("params", {}).get("ddconfig")
+    dd = ((model_config or {}).get("params") or {}).get("ddconfig")
     return int(dd.get("resolution", DEFAULT_RESOLUTION)) if isinstance(dd, dict) else DEFAULT_RESOLUTION
 
 
