@@ -11,7 +11,8 @@
     python generate.py tokens --checkpoint STAGE1.pt --input test|CONFIG|FOLDER --out FILE.npy
     python generate.py tokens --decode --checkpoint STAGE1.pt --input FILE.npy --out DIR
     python generate.py visualize --checkpoint STAGE1_OR_STAGE2.pt --out DIR [--run-dir runs/NAME]
-    python generate.py import-taming --checkpoint last.ckpt --out STAGE1.pt [--resolution 256] [--config model.yaml]
+    python generate.py import-taming --checkpoint last.ckpt --out STAGE1_OR_STAGE2.pt [--resolution 256]
+        [--config model.yaml]
 
 Image inputs (``--input``, ``--fid-ref``): ``test`` is the test split of the data the checkpoint
 was trained on; a YAML config means the test split of its ``data`` section; a folder means every
@@ -45,6 +46,7 @@ from transformer.conditions import MAP_KINDS
 from transformer.config import Stage2Config, check_sampling
 from transformer.pictures import prior_samples_picture, save_condition_grid
 from transformer.sampling import SamplingConfig
+from transformer.taming_import import import_taming_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, check_number, from_dict
 from utils.evaluation.inception import InceptionWeightsError, load_inception
@@ -56,7 +58,6 @@ from utils.script import StrictParser, clean_exit
 from vqgan import LPIPS, VQGAN, LPIPSWeightsError, LPIPSWeightsMismatchError
 from vqgan.evaluation import ReconstructionMetrics, decode_batches, reconstruct_batches
 from vqgan.pictures import tokenizer_pictures
-from vqgan.taming_import import import_taming
 
 GRID_IMAGES = 64
 GRID_CONDITIONS = 16  # rows of the condition and completion grids
@@ -538,8 +539,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
 
 
 def cmd_import_taming(args: argparse.Namespace) -> None:
-    _, lines = import_taming(args.checkpoint, args.out, args.resolution, args.config, args.force)
-    print("\n".join(lines))
+    print("\n".join(import_taming_checkpoint(args.checkpoint, args.out, args.resolution, args.config, args.force)))
 
 
 def cli_number(parse: Callable[[str], int | float], minimum: float | None = None, exclusive: bool = False,
@@ -683,19 +683,20 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--seed", type=any_int, default=0, help="random seed of the samples")
     visualize.set_defaults(run=cmd_visualize)
 
-    taming = commands.add_parser("import-taming", help="convert a taming-transformers VQGAN checkpoint (.ckpt) "
-                                                       "into a stage-1 checkpoint of this repository")
+    taming = commands.add_parser("import-taming", help="convert a taming-transformers checkpoint (.ckpt): a VQGAN "
+                                                       "into a stage-1 checkpoint, a transformer into a stage-2 one")
     taming.add_argument("--checkpoint", required=True,
-                        help="taming checkpoint, e.g. last.ckpt of vqgan_imagenet_f16_16384 (read without running "
-                             "pickled code; Lightning is not needed)")
-    taming.add_argument("--out", required=True, help="stage-1 checkpoint to write; the LPIPS weights stored in the "
-                                                     "taming file go beside it (OUT.lpips_vgg.pth, "
+                        help="taming checkpoint, e.g. last.ckpt of vqgan_imagenet_f16_16384 or cin_transformer (read "
+                             "without running pickled code; Lightning is not needed)")
+    taming.add_argument("--out", required=True, help="checkpoint to write; for a VQGAN, the LPIPS weights stored in "
+                                                     "the taming file go beside it (OUT.lpips_vgg.pth, "
                                                      "OUT.lpips_heads.pth)")
     taming.add_argument("--resolution", type=positive_int, default=None,
                         help="image size the model is used at (default: the --config's, else 256)")
     taming.add_argument("--config", default=None,
-                        help="taming's model.yaml for this checkpoint, to cross-check the architecture read from "
-                             "the weights (optional)")
+                        help="taming's model.yaml for this checkpoint: cross-checks a VQGAN's architecture read "
+                             "from the weights (optional); required for a transformer (its condition stage and "
+                             "attention heads)")
     taming.add_argument("--force", action="store_true", help="overwrite existing output files")
     taming.set_defaults(run=cmd_import_taming)
     return parser

@@ -238,22 +238,29 @@ def _bad_input(kind: str, folder: Path, converted: Path, expected: dict) -> tupl
         checkpoint, extra = CKPT, ["--config", folder / "model.yaml"]
         phrases = ["does not match the config", "n_embed: config 128, tensors 64",
                    "attn_resolutions: config [32], tensors [16]", "model.yaml"]
-    elif kind == "gumbel quantizer":
+    elif kind == "config of another quantizer":
+        config = yaml.safe_load(CONFIG.read_text())
+        config["model"]["target"] = "taming.models.vqgan.GumbelVQ"
+        (folder / "model.yaml").write_text(yaml.safe_dump(config))
+        checkpoint, extra = CKPT, ["--config", folder / "model.yaml"]
+        phrases = ["described by its config as taming.models.vqgan.GumbelVQ", "nearest-code quantizer"]
+    elif kind == "mis-shaped gumbel quantizer":
         names = set(expected["gumbel_quantize_shapes"])
         assert names == {"quantize.proj.weight", "quantize.proj.bias", "quantize.embed.weight"}
         weights, _ = read_taming_checkpoint(CKPT)
         del weights["quantize.embedding.weight"]
+        # proj takes z_channels (16) inputs, but quant_conv gives embed_dim (8): taming's GumbelVQ could not run it
         tiny = {"quantize.proj.weight": (64, 16, 1, 1), "quantize.proj.bias": (64,), "quantize.embed.weight": (64, 8)}
         weights.update({name: torch.zeros(shape) for name, shape in tiny.items()})
         torch.save({"state_dict": weights}, checkpoint)
-        phrases = ["Gumbel-softmax quantizer", "vqgan_imagenet_f16_16384"]
+        phrases = ["Gumbel projection quantize.proj of shape (64, 16, 1, 1)", "needs (64, 8, 1, 1)"]
     else:
         raise AssertionError(kind)
     return ["--checkpoint", checkpoint, *extra], phrases + [str(checkpoint)]
 
 
 @pytest.mark.parametrize("kind", ["not a checkpoint", "no state_dict", "truncated", "this repository's checkpoint",
-                                  "config mismatch", "gumbel quantizer"])
+                                  "config mismatch", "config of another quantizer", "mis-shaped gumbel quantizer"])
 def test_bad_inputs_are_refused_and_nothing_is_written(kind: str, converted: Path, expected: dict, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     args, phrases = _bad_input(kind, tmp_path, converted, expected)

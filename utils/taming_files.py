@@ -1,5 +1,6 @@
 """Read the files taming-transformers publishes: Lightning checkpoints (``.ckpt``) and model configs
-(``.yaml``). :mod:`vqgan.taming_import` turns what they hold into a stage-1 checkpoint of this repository.
+(``.yaml``). :mod:`vqgan.taming_import` turns a VQGAN's into a stage-1 checkpoint of this repository,
+:mod:`transformer.taming_import` a transformer's into a stage-2 one.
 
 Neither PyTorch Lightning nor OmegaConf is needed, and no pickled code runs. A Lightning
 checkpoint is a ``torch.save`` file whose pickle holds, beside the weights under ``state_dict``,
@@ -18,6 +19,7 @@ import pickle
 import types
 import zipfile
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,9 @@ from utils.config import ConfigError, parse_yaml
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6
 LEGACY_MAGIC = b"\x80"  # a pickle (protocol 2+): torch.save's format before 1.6
 WEIGHTS_KEY = "state_dict"
-FIX_DOWNLOAD = ("Pass the last.ckpt of a taming-transformers VQGAN (for example vqgan_imagenet_f16_16384 from the "
-                "links in the taming-transformers README)")
+BARE_KEYS = ("encoder.conv_in.weight", "transformer.tok_emb.weight")  # a VQGAN's or a Net2NetTransformer's
+FIX_DOWNLOAD = ("Pass the last.ckpt of a taming-transformers VQGAN or transformer (for example "
+                "vqgan_imagenet_f16_16384 or cin_transformer from the links in the taming-transformers README)")
 
 # The only callables a checkpoint may name: torch's tensor rebuilders and plain containers.
 ALLOWED = {
@@ -128,11 +131,12 @@ def read_taming_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], d
             f"'{path}' is truncated or corrupt and cannot be read ({str(err).splitlines()[0] if str(err) else err!r})."
             f" Download it again (its size should match the published file).") from err
     if isinstance(loaded, dict) and "kind" in loaded and "model" in loaded:
+        use = ("generate.py sample or complete" if loaded["kind"] == "transformer"
+               else "generate.py, train_transformer.py --vqgan or train.init_from")
         raise TamingFileError(f"'{path}' is a checkpoint of this repository (kind '{loaded['kind']}'), not a "
-                              f"taming-transformers one, so it needs no import: pass it directly to generate.py, "
-                              f"train_transformer.py --vqgan or train.init_from.")
+                              f"taming-transformers one, so it needs no import: pass it directly to {use}.")
     weights = loaded.get(WEIGHTS_KEY) if isinstance(loaded, dict) else None
-    if weights is None and isinstance(loaded, dict) and "encoder.conv_in.weight" in loaded:
+    if weights is None and isinstance(loaded, dict) and any(key in loaded for key in BARE_KEYS):
         weights = loaded  # a bare state dict
     if not isinstance(weights, dict) or not any(isinstance(v, torch.Tensor) for v in weights.values()):
         keys = ", ".join(map(str, list(loaded)[:8])) if isinstance(loaded, dict) else type(loaded).__name__
@@ -158,3 +162,26 @@ def read_taming_config(path: str | Path) -> dict[str, Any]:
                               f"(with ddconfig, n_embed, embed_dim). Pass the model.yaml published with the "
                               f"checkpoint, or leave out --config.")
     return model
+
+
+@dataclass
+class TamingSource:
+    """A taming checkpoint as read: its path, weights and ``epoch``/``global_step``, and the ``model`` section of
+    its config (with the config's path) when one was given."""
+
+    checkpoint: Path
+    weights: dict[str, torch.Tensor]
+    info: dict[str, Any]
+    config: Path | None = None
+    model: dict[str, Any] | None = None
+
+    def where(self) -> str:
+        """The files, as error messages name them."""
+        return f"'{self.checkpoint}'" + (f" (checked against '{self.config}')" if self.config is not None else "")
+
+
+def read_taming(checkpoint: str | Path, config: str | Path | None = None) -> TamingSource:
+    """Read a taming checkpoint and, when given, its config (the config first: it is small and fails fast)."""
+    model = read_taming_config(config) if config is not None else None
+    weights, info = read_taming_checkpoint(checkpoint)
+    return TamingSource(Path(checkpoint), weights, info, None if config is None else Path(config), model)

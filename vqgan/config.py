@@ -50,7 +50,17 @@ class Stage1Config:
         name: ("stage-2", "train_transformer.py", "configs/quickstart.yaml") for name in ("transformer", "sample")}
 
     def validate(self) -> list[str]:
-        """Raise ConfigError on impossible values; return warnings about suspicious ones."""
+        """Raise ConfigError on impossible values or a model this code cannot train; return warnings about
+        suspicious ones."""
+        check(self.model.quantizer != "gumbel",
+              "model.quantizer=gumbel is for models imported from taming-transformers (generate.py import-taming); "
+              "training it is not supported. Train or fine-tune with model.quantizer=nearest (the default), or use "
+              "the imported model as it is (generate.py reconstruct / tokens, train_transformer.py --vqgan).")
+        return self.validate_description()
+
+    def validate_description(self) -> list[str]:
+        """:meth:`validate` without the check that the model can be trained: what the config stored with an
+        imported model must pass."""
         validate_data_and_train(self.data, self.train)
         self._validate_model()
         self._validate_disc_and_loss()

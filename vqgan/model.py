@@ -14,7 +14,7 @@ from utils.checkpoint import CheckpointError, load_state_dict_checked
 from utils.config import option
 from vqgan.decoder import Decoder
 from vqgan.encoder import Encoder
-from vqgan.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer
+from vqgan.quantizer import GumbelQuantizer, QuantizerConfig, QuantizerOutput, VectorQuantizer
 
 
 @dataclass
@@ -46,6 +46,9 @@ class VQGAN(nn.Module):
     rebuilds the model from it (checkpoints store it). Stage 2 relies only on
     :meth:`encode_to_indices`, :meth:`decode_indices`, :attr:`latent_size` and :attr:`codebook_size`.
 
+    ``config.quantizer`` picks the quantizer: ``nearest`` (:class:`~vqgan.quantizer.VectorQuantizer`, trained
+    here) or ``gumbel`` (:class:`~vqgan.quantizer.GumbelQuantizer`, for taming's Gumbel VQGANs, imported only).
+
     With ``num_labels`` > 0 the model tokenizes segmentation maps (taming's ``VQSegmentationModel``): its
     inputs are label maps [B, 1, H, W] of ids ``0 .. num_labels - 1``, which the encoder sees one-hot
     (``in_channels`` must equal ``num_labels``), and its outputs are per-pixel label logits
@@ -69,7 +72,7 @@ class VQGAN(nn.Module):
         self.encoder = Encoder(**shape, in_channels=in_channels)
         self.decoder = Decoder(**shape, out_channels=in_channels)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, kernel_size=1)
-        self.quantizer = VectorQuantizer(config)
+        self.quantizer = GumbelQuantizer(config) if config.quantizer == "gumbel" else VectorQuantizer(config)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
 
     @property

@@ -15,7 +15,7 @@ reads a value on the host, so a training step never waits for the GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,9 @@ class QuantizerConfig:
     dead_code_steps: int = option(0, "re-seed codes unused for this many optimizer steps from recent encoder "
                                   "outputs (0 = off)")
     usage_window: int = option(100, "optimizer steps of indices kept for the codebook-usage statistic")
+    quantizer: Literal["nearest", "gumbel"] = option(
+        "nearest", "nearest: the nearest code (trainable); gumbel: the most likely code of a learned 1x1 projection "
+                   "to logits over the codebook, as in taming's vqgan_gumbel_f8 (for imported models; not trainable)")
 
 
 def code_statistics(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,3 +292,60 @@ class VectorQuantizer(nn.Module):
             f"codebook_size={self.codebook_size}, embed_dim={self.embed_dim}, lookup_dim={self.lookup_dim}, "
             f"l2_norm={self.l2_norm}, beta={self.beta}, ema={self.ema}, dead_code_steps={self.dead_code_steps}"
         )
+
+
+class GumbelQuantizer(nn.Module):
+    """Taming's Gumbel-softmax quantizer (``GumbelQuantize``) at inference: a 1x1 convolution ``proj`` maps each
+    latent vector [embed_dim] to logits over the ``codebook_size`` codes, and the vector becomes its most likely code.
+
+    Taming adds Gumbel noise to the logits even in eval mode, so its encodings are random; this one takes the
+    argmax of the logits, deterministically. Decoding given codes is the same in both: a lookup of
+    ``codebook`` [codebook_size, embed_dim]. It exists for models imported from taming-transformers; training it
+    is refused (:class:`vqgan.config.Stage1Config` refuses ``model.quantizer=gumbel``), so it has no training loss
+    and no codebook statistics.
+    """
+
+    def __init__(self, config: QuantizerConfig) -> None:
+        super().__init__()
+        if config.codebook_size < 1 or config.embed_dim < 1:
+            raise ValueError(f"codebook_size ({config.codebook_size}) and embed_dim ({config.embed_dim}) must be "
+                             f"positive.")
+        if config.codebook_dim is not None or config.l2_norm or config.ema:
+            raise ValueError("the gumbel quantizer has none of the codebook_dim, l2_norm and ema options; leave them "
+                             "at their defaults (null, false, false).")
+        self.codebook_size = config.codebook_size
+        self.embed_dim = config.embed_dim
+        self.proj = nn.Conv2d(config.embed_dim, config.codebook_size, kernel_size=1)
+        self.codebook = nn.Parameter(torch.randn(config.codebook_size, config.embed_dim))
+
+    def nearest_indices(self, z: torch.Tensor) -> torch.Tensor:
+        """Code indices [B, H, W] for latents [B, embed_dim, H, W]: the most likely code of each vector (the name is
+        the quantizer interface :class:`vqgan.model.VQGAN` calls)."""
+        if z.dim() != 4 or z.shape[1] != self.embed_dim:
+            raise ValueError(f"expected latents of shape [B, {self.embed_dim}, H, W] (embed_dim={self.embed_dim}), "
+                             f"got {tuple(z.shape)}.")
+        with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+            return self.proj(z.float()).argmax(dim=1)
+
+    def embed_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Quantised latents float32 [B, embed_dim, H, W] for code indices [B, H, W]."""
+        if indices.dtype not in (torch.long, torch.int32) or indices.dim() != 3:
+            raise ValueError(f"expected integer indices of shape [B, H, W], got {indices.dtype} "
+                             f"{tuple(indices.shape)}.")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(f"indices must lie in [0, {self.codebook_size}) for a codebook of {self.codebook_size} "
+                             f"codes, got values in [{int(indices.min())}, {int(indices.max())}].")
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            return F.embedding(indices.long(), self.codebook.float()).permute(0, 3, 1, 2)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """The most likely codes of latents [B, embed_dim, h, w]: (their vectors, a zero loss, indices [B, h, w]).
+        Raises in training mode: this quantizer is not trained here."""
+        if self.training:
+            raise RuntimeError("the gumbel quantizer is for models imported from taming-transformers; training it is "
+                               "not supported. Call .eval() to encode with it, or train a model.quantizer=nearest.")
+        indices = self.nearest_indices(z)
+        return QuantizerOutput(self.embed_indices(indices), z.new_zeros((), dtype=torch.float32), indices)
+
+    def extra_repr(self) -> str:
+        return f"codebook_size={self.codebook_size}, embed_dim={self.embed_dim}, argmax of proj (no Gumbel noise)"

@@ -6,14 +6,21 @@ modules it describes. The networks compute the same functions as taming's; only 
 
 * ``encoder.mid.block_1 / attn_1 / block_2`` -> ``encoder.mid.0 / 1 / 2`` (the same in the decoder);
 * ``decoder.up.{level}``, stored finest level first -> ``decoder.up.{L-1-level}``, in the order they run;
-* ``quantize.embedding.weight`` -> ``quantizer.codebook``;
+* ``quantize.embedding.weight`` -> ``quantizer.codebook``; for a Gumbel-softmax VQGAN (``GumbelVQ``, such as
+  vqgan_gumbel_f8) ``quantize.embed.weight`` -> ``quantizer.codebook`` and ``quantize.proj`` -> ``quantizer.proj``
+  of a :class:`~vqgan.quantizer.GumbelQuantizer` (``GumbelVQ`` keeps ``VQModel``'s ``quant_conv`` [z_channels ->
+  embed_dim] and ``post_quant_conv`` [embed_dim -> z_channels], and ``proj`` reads ``quant_conv``'s output, so
+  taming's own code runs only when z_channels = embed_dim, as in vqgan_gumbel_f8; other shapes are refused);
 * ``loss.discriminator.*`` -> the :class:`~vqgan.discriminator.Discriminator`, names unchanged;
 * ``loss.perceptual_loss.net.sliceK.N.*`` -> ``features.N.*`` of a torchvision VGG16 state dict;
 * ``loss.perceptual_loss.linI.*`` -> ``linI.*`` of an LPIPS ``vgg.pth`` heads file.
 
 Taming's quantizer picks the nearest code by squared L2 distance, as ours does, so indices and
 quantized latents agree at inference. Its training loss puts ``beta`` on the codebook term
-instead of the commitment term ("legacy" mode); that matters only when training.
+instead of the commitment term ("legacy" mode); that matters only when training. Taming's Gumbel
+quantizer samples its codes (Gumbel noise on the logits, even in eval mode); the imported one takes the
+most likely code, and decodes given codes exactly as taming does. A segmentation tokenizer
+(``VQSegmentationModel``: label maps one-hot in, label logits out) converts with ``labels=True``.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ class TamingFormatError(ValueError):
 
 
 class UnsupportedTamingModel(TamingFormatError):
-    """Weights of a taming model variant with no counterpart here (Gumbel quantizer, remapped codes, ...)."""
+    """Weights of a taming model variant with no counterpart here (remapped codes, double_z, ...)."""
 
 
 @dataclass
@@ -79,33 +86,37 @@ def _shape(state: dict[str, torch.Tensor], key: str) -> torch.Size:
     return state[key].shape
 
 
-def _check_quantizer(state: dict[str, torch.Tensor]) -> None:
+GUMBEL_NAMES = ("quantize.embed.weight", "quantize.proj.weight", "quantize.proj.bias")
+
+
+def _check_quantizer(state: dict[str, torch.Tensor]) -> str:
+    """The kind of quantizer the tensors hold: ``nearest`` (VQModel) or ``gumbel`` (GumbelVQ)."""
     names = sorted(key for key in state if key.startswith("quantize."))
-    if "quantize.proj.weight" in state or "quantize.embed.weight" in state:
-        raise UnsupportedTamingModel(
-            "holds a Gumbel-softmax quantizer (quantize.proj, quantize.embed), as in taming's vqgan_gumbel_f8: "
-            "it chooses codes from a learned 1x1 projection to logits over the codebook (with Gumbel noise, even "
-            "in eval mode), not by the nearest code, so this repository's VectorQuantizer cannot reproduce it. "
-            "Only VQGANs with the nearest-code quantizer (quantize.embedding.weight) can be imported, such as "
-            "vqgan_imagenet_f16_1024 and vqgan_imagenet_f16_16384")
-    if "quantize.embedding.weight" not in state:
-        raise TamingFormatError("has no codebook 'quantize.embedding.weight', so it is not the weights of a taming "
-                                "VQGAN (VQModel)")
-    extra = [name for name in names if name != "quantize.embedding.weight"]
+    kind = "gumbel" if "quantize.embed.weight" in state else "nearest"
+    expected = GUMBEL_NAMES if kind == "gumbel" else ("quantize.embedding.weight",)
+    if kind == "nearest" and "quantize.embedding.weight" not in state:
+        raise TamingFormatError("has no codebook 'quantize.embedding.weight' (nor a Gumbel codebook "
+                                "'quantize.embed.weight'), so it is not the weights of a taming VQGAN (VQModel)")
+    missing = [name for name in expected if name not in state]
+    if missing:
+        raise TamingFormatError(f"has a Gumbel codebook but not {', '.join(missing)}")
+    extra = [name for name in names if name not in expected]
     if extra:
         raise UnsupportedTamingModel(
             f"has quantizer tensors this repository has no counterpart for ({', '.join(extra)}); 'quantize.used' "
-            f"means a remapped codebook (remap=...). Only the plain nearest-code quantizer (a single "
-            f"quantize.embedding.weight) can be imported")
+            f"means a remapped codebook (remap=...). Only the plain quantizers (quantize.embedding.weight, or "
+            f"quantize.embed and quantize.proj of a Gumbel VQGAN) can be imported")
+    return kind
 
 
-def infer_architecture(state: dict[str, torch.Tensor], resolution: int = 256) -> dict[str, Any]:
-    """VQGAN keyword arguments (``in_channels`` ... ``beta``) read off a taming state dict's names and shapes.
+def infer_architecture(state: dict[str, torch.Tensor], resolution: int = 256, labels: bool = False) -> dict[str, Any]:
+    """VQGAN keyword arguments (``in_channels`` ... ``quantizer``) read off a taming state dict's names and shapes.
 
     ``resolution`` only places ``attn_resolutions``: attention is stored per level, and level ``i``
-    works at ``resolution / 2**i``.
+    works at ``resolution / 2**i``. ``labels``: the weights tokenize segmentation maps (``VQSegmentationModel``),
+    with one input and output channel per label.
     """
-    _check_quantizer(state)
+    quantizer = _check_quantizer(state)
     conv_in = _shape(state, "encoder.conv_in.weight")
     ch, in_channels = conv_in[0], conv_in[1]
     levels = _indices(state, r"encoder\.down\.(\d+)\.")
@@ -135,17 +146,28 @@ def infer_architecture(state: dict[str, torch.Tensor], resolution: int = 256) ->
         raise UnsupportedTamingModel(
             f"has an encoder with {z_out} output channels feeding quant_conv with {quant_in[1]} inputs "
             f"(double_z=true?); only VQGANs with double_z=false can be imported")
-    codebook = _shape(state, "quantize.embedding.weight")
+    codebook = _shape(state, "quantize.embed.weight" if quantizer == "gumbel" else "quantize.embedding.weight")
+    if quantizer == "gumbel":
+        proj = _shape(state, "quantize.proj.weight")
+        if tuple(proj) != (codebook[0], quant_in[0], 1, 1):
+            raise TamingFormatError(
+                f"has a Gumbel projection quantize.proj of shape {tuple(proj)}, but quant_conv gives {quant_in[0]} "
+                f"channels and the codebook has {codebook[0]} codes: taming's GumbelVQ feeds quant_conv's output to "
+                f"it, so it needs ({codebook[0]}, {quant_in[0]}, 1, 1) (z_channels = embed_dim)")
     out_channels = _shape(state, "decoder.conv_out.weight")[0]
-    if out_channels != in_channels or in_channels not in (1, 3):
+    if labels and out_channels != in_channels:
+        raise TamingFormatError(f"is a segmentation tokenizer with {in_channels} input but {out_channels} output "
+                                f"channels; it needs one of each per label")
+    if not labels and (out_channels != in_channels or in_channels not in (1, 3)):
         raise UnsupportedTamingModel(
             f"maps {in_channels}-channel inputs to {out_channels}-channel outputs; only image models with 1 or 3 "
-            f"channels in and out can be imported")
+            f"channels in and out can be imported (a segmentation tokenizer, VQSegmentationModel, converts as the "
+            f"condition stage of a stage-2 checkpoint)")
     return dict(
         in_channels=int(in_channels), resolution=int(resolution), ch=int(ch), ch_mult=tuple(ch_mult),
         num_res_blocks=num_res_blocks, attn_resolutions=tuple(resolution // 2**level for level in attn_levels),
         z_channels=int(z_out), dropout=0.0, codebook_size=int(codebook[0]), embed_dim=int(codebook[1]),
-        beta=TAMING_BETA,
+        beta=TAMING_BETA, quantizer=quantizer, num_labels=int(in_channels) if labels else 0,
     )
 
 
@@ -157,10 +179,11 @@ def check_against_config(model_args: dict[str, Any], model_config: dict[str, Any
     whatever resolution the weights are imported at.
     """
     target = str(model_config.get("target", ""))
-    if "Gumbel" in target:
-        raise UnsupportedTamingModel(f"is described by its config as {target}, a Gumbel-softmax VQGAN; only "
-                                     f"nearest-code VQGANs (taming.models.vqgan.VQModel) can be imported")
     params = model_config.get("params") or {}
+    described = "gumbel" if target.endswith("GumbelVQ") else "nearest"
+    if target and described != model_args["quantizer"]:
+        holds = "a Gumbel quantizer" if model_args["quantizer"] == "gumbel" else "a nearest-code quantizer"
+        raise TamingFormatError(f"is described by its config as {target}, but its tensors hold {holds}")
     dd = params.get("ddconfig") or {}
     if not isinstance(dd, dict) or not dd:
         raise TamingFormatError("config has no model.params.ddconfig section")
@@ -178,6 +201,7 @@ def check_against_config(model_args: dict[str, Any], model_config: dict[str, Any
         "ddconfig.out_ch": (dd.get("out_ch"), model_args["in_channels"]),
         "ddconfig.attn_resolutions": (config_attn, sorted(config_resolution // 2**level for level in levels)),
         "n_embed": (params.get("n_embed"), model_args["codebook_size"]),
+        "n_labels": (params.get("n_labels"), model_args["num_labels"] or None),
         "embed_dim": (params.get("embed_dim"), model_args["embed_dim"]),
     }
     wrong = [f"{key}: config {given!r}, tensors {found!r}" for key, (given, found) in expected.items()
@@ -188,8 +212,10 @@ def check_against_config(model_args: dict[str, Any], model_config: dict[str, Any
 
 def _model_key(key: str, levels: int) -> str:
     """This repository's name for one taming VQModel tensor (encoder, decoder, quantizer, 1x1 convs)."""
-    if key == "quantize.embedding.weight":
+    if key in ("quantize.embedding.weight", "quantize.embed.weight"):
         return "quantizer.codebook"
+    if key.startswith("quantize.proj."):
+        return "quantizer." + key.removeprefix("quantize.")
     parts = key.split(".")
     if parts[0] in ("encoder", "decoder") and parts[1] == "mid" and parts[2] in MID_NAMES:
         parts[2] = MID_NAMES[parts[2]]
@@ -250,14 +276,15 @@ def _disc_args(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def convert_taming_state_dict(state: dict[str, torch.Tensor], resolution: int = 256,
-                              model_config: dict[str, Any] | None = None) -> TamingConversion:
-    """Rename a taming ``VQModel`` state dict (as in its Lightning checkpoint) to this package's modules.
+                              model_config: dict[str, Any] | None = None, labels: bool = False) -> TamingConversion:
+    """Rename a taming ``VQModel`` (or ``GumbelVQ``; with ``labels``, ``VQSegmentationModel``) state dict (as in
+    its Lightning checkpoint) to this package's modules.
 
     Raises :class:`TamingFormatError` (:class:`UnsupportedTamingModel` for variants with no
     counterpart here) when the tensors are not a taming VQGAN or contradict ``model_config``.
     """
     state = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
-    model_args = infer_architecture(state, resolution)
+    model_args = infer_architecture(state, resolution, labels)
     if model_config is not None:
         check_against_config(model_args, model_config)
         dropout = ((model_config.get("params") or {}).get("ddconfig") or {}).get("dropout")

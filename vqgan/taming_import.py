@@ -17,9 +17,9 @@ from typing import Any
 
 from utils.checkpoint import save_checkpoint, training_checkpoint
 from utils.config import DataConfig, to_dict
-from utils.taming_files import TamingFileError, read_taming_checkpoint, read_taming_config
+from utils.taming_files import TamingFileError, TamingSource
 from vqgan.config import Stage1Config
-from vqgan.discriminator import DiscriminatorConfig
+from vqgan.discriminator import DiscriminatorConfig, logit_map_size
 from vqgan.loss import LossConfig
 from vqgan.model import VQGANConfig
 from vqgan.taming import TamingConversion, TamingFormatError, convert_taming_state_dict
@@ -49,7 +49,7 @@ def stage1_config(conversion: TamingConversion, lpips: tuple[Path | None, Path |
     """A complete, valid stage-1 config describing the converted model (and taming's loss settings)."""
     args = conversion.model_args
     model = VQGANConfig(**{key: args[key] for key in VQGANConfig.__dataclass_fields__})
-    disc_args = conversion.disc_args or {}
+    disc_args = conversion.disc_args or {"n_layers": fitting_disc_layers(args["resolution"])}
     disc = DiscriminatorConfig(**{key: disc_args[key] for key in DiscriminatorConfig.__dataclass_fields__
                                   if key in disc_args})
     loss = LossConfig(lpips_vgg_path=None if lpips[0] is None else str(lpips[0]),
@@ -60,32 +60,43 @@ def stage1_config(conversion: TamingConversion, lpips: tuple[Path | None, Path |
             setattr(loss, key, type(getattr(loss, key))(loss_params[taming_key]))
     data = DataConfig(name="folder", image_size=args["resolution"], channels=args["in_channels"])
     config = Stage1Config(data=data, model=model, disc=disc, loss=loss)
-    config.validate()
+    config.validate_description()
     return config
 
 
-def import_taming(checkpoint: str | Path, out: str | Path, resolution: int | None = None,
-                  config: str | Path | None = None, force: bool = False) -> tuple[ImportedFiles, list[str]]:
-    """Convert ``checkpoint`` and write ``out`` (plus LPIPS files); returns the files and lines to print.
+def fitting_disc_layers(resolution: int) -> int:
+    """The default discriminator depth, or less where images of ``resolution`` are too small for it: the
+    discriminator a file without one gets (train.init_from starts it from scratch)."""
+    layers = DiscriminatorConfig.n_layers
+    while layers > 1 and logit_map_size(resolution, layers) < 1:
+        layers -= 1
+    return layers
 
-    Everything is read and checked before the first file is written, so a failure writes nothing.
+
+def default_resolution(model_config: dict[str, Any] | None) -> int:
+    """The image size of a taming ``model`` config section (``params.ddconfig.resolution``), else 256."""
+    dd = ((model_config or {}).get("params") or {}).get("ddconfig")
+    return int(dd.get("resolution", DEFAULT_RESOLUTION)) if isinstance(dd, dict) else DEFAULT_RESOLUTION
+
+
+def import_taming(source: TamingSource, out: str | Path, resolution: int | None = None,
+                  force: bool = False) -> tuple[ImportedFiles, list[str]]:
+    """Convert the VQGAN of ``source`` and write ``out`` (plus LPIPS files); returns the files and lines to print.
+
+    Everything is checked before the first file is written, so a failure writes nothing.
     """
-    checkpoint, out = Path(checkpoint), Path(out)
-    taming_model = read_taming_config(config) if config is not None else None
-    if resolution is None:
-        dd = taming_model["params"].get("ddconfig") if taming_model else None
-        resolution = int(dd.get("resolution", DEFAULT_RESOLUTION)) if isinstance(dd, dict) else DEFAULT_RESOLUTION
-    weights, info = read_taming_checkpoint(checkpoint)
+    out = Path(out)
+    resolution = resolution or default_resolution(source.model)
     try:
-        conversion = convert_taming_state_dict(weights, resolution, taming_model)
+        conversion = convert_taming_state_dict(source.weights, resolution, source.model)
     except TamingFormatError as err:
-        where = f"'{checkpoint}'" + (f" (checked against '{config}')" if config is not None else "")
-        fix = ("Pass the config published with this checkpoint, or leave out --config." if config is not None
-               else "Pass a taming-transformers VQGAN checkpoint (VQModel).")
-        raise TamingFileError(f"{where} {err}. {fix}") from err
+        fix = ("Pass the config published with this checkpoint, or leave out --config." if source.config is not None
+               else "Pass a taming-transformers VQGAN checkpoint (VQModel or GumbelVQ).")
+        raise TamingFileError(f"{source.where()} {err}. {fix}") from err
+    checkpoint, info = source.checkpoint, source.info
     vgg_path, heads_path = lpips_paths(out)
     lpips = (vgg_path if conversion.lpips_vgg else None, heads_path if conversion.lpips_heads else None)
-    cfg = stage1_config(conversion, lpips, taming_model)
+    cfg = stage1_config(conversion, lpips, source.model)
     existing = [str(path) for path in (out, *lpips) if path is not None and path.exists()]
     if existing and not force:
         raise TamingFileError(f"{' and '.join(existing)} already exist; pass another --out or add --force to "
@@ -106,14 +117,19 @@ def summary(conversion: TamingConversion, cfg: Stage1Config, out: Path, lpips: t
             info: dict[str, Any]) -> list[str]:
     m = cfg.model
     side = cfg.data.image_size // 2 ** (len(m.ch_mult) - 1)
+    quantizer = (" (Gumbel quantizer: each vector takes its most likely code, where taming samples one)"
+                 if m.quantizer == "gumbel" else "")
     lines = [f"wrote {out}: VQGAN ch {m.ch}, ch_mult {list(m.ch_mult)}, {m.num_res_blocks} res blocks, attention "
              f"at {list(m.attn_resolutions)}, z {m.z_channels}, {m.codebook_size} codes of dim {m.embed_dim}; "
-             f"{cfg.data.image_size}x{cfg.data.image_size} images -> {side}x{side} tokens"
+             f"{cfg.data.image_size}x{cfg.data.image_size} images -> {side}x{side} tokens{quantizer}"
              + (f" (taming step {info['global_step']})" if "global_step" in info else "")]
     if conversion.disc_state is not None:
         lines.append(f"  discriminator: PatchGAN, {cfg.disc.n_layers} layers, ndf {cfg.disc.ndf}")
-    else:
+    elif m.quantizer == "nearest":
         lines.append("  no discriminator in the file: train.init_from will start one from scratch")
+    if m.quantizer == "gumbel":
+        lines.append("  not trained here (model.quantizer=gumbel): use it to reconstruct, tokenize, or as a prior's "
+                     "first stage")
     if lpips[0] is not None or lpips[1] is not None:
         lines.append("  LPIPS weights for fine-tuning with the perceptual loss, use these overrides:")
         lines.append("    " + " ".join(f"loss.lpips_{name}_path={path}" for name, path in zip(("vgg", "heads"), lpips)
