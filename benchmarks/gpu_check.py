@@ -14,6 +14,7 @@ own process with a time limit, in this order:
   stage1_speed         the f16 model of imagenet_f16.yaml at 256x256, its batch of 12, bf16, LPIPS (random
                        weights of the right shapes) + GAN: img/s, peak memory, model FLOP utilisation (MFU)
   sampling             the 8 x 512 GPT, 256 tokens, batch 16, KV cache: tokens/s
+  window_sampling      the same GPT (a 16x16 window) sliding over a 64x64 grid: codes/s, beside plain sampling
   sampling_compiled    the same with sample.compile (the one-token decode step under torch.compile with
                        CUDA graphs) timed against eager sampling: tokens/s compiled vs eager
   stage1_speed_compiled  stage1_speed with the models under torch.compile, as imagenet_f16.yaml trains
@@ -304,6 +305,44 @@ def part_sampling_compiled(work: Path, device: str, peak: float | None) -> dict[
     return _sampling(device, compiled=True)
 
 
+def part_window_sampling(work: Path, device: str, peak: float | None) -> dict[str, Any]:
+    """Sliding-window sampling of a grid 4x the training grid per side: codes/s, against plain sampling's."""
+    import math
+
+    from benchmarks.run import FULL_GPT, SCALES
+    from benchmarks.runtime import optimized
+    from benchmarks.timing import time_alternating
+    from transformer import sample_tokens
+    from transformer.window import sample_windowed
+
+    torch_device = torch.device(device)
+    case = FULL_GPT if device == "cuda" else SCALES["tiny"].gpt  # CPU: a rehearsal
+    window = math.isqrt(case.seq_len)
+    grid = 4 * window
+    gpt = case.build(torch_device).eval()
+    prefix = torch.full((case.sample_batch, 1), case.codebook_size, dtype=torch.long, device=torch_device)
+
+    def windowed(size: int) -> None:
+        with optimized(torch_device).backends():
+            sample_windowed(gpt, prefix, (size, size), (window, window), top_k=100,
+                            generator=torch.Generator(torch_device).manual_seed(0))
+
+    def plain() -> None:
+        with optimized(torch_device).backends():
+            sample_tokens(gpt, prefix, window * window, top_k=100,
+                          generator=torch.Generator(torch_device).manual_seed(0))
+
+    timings = time_alternating({"windowed": lambda: windowed(grid), "plain": plain}, torch_device, reps=1, warmup=1,
+                               warmups={"windowed": lambda: windowed(window + 1), "plain": plain})
+    per_s = case.sample_batch * grid * grid / timings["windowed"].median
+    plain_per_s = case.sample_batch * window * window / timings["plain"].median
+    return result("pass", f"{per_s:.0f} codes/s on a {grid}x{grid} grid with a {window}x{window} window "
+                          f"({timings['windowed'].median:.1f} s for {case.sample_batch}); plain sampling of the "
+                          f"training grid {plain_per_s:.0f} codes/s",
+                  gpt=case.name, batch=case.sample_batch, grid=grid, window=window, codes_per_s=per_s,
+                  plain_codes_per_s=plain_per_s, precision=optimized(torch_device).describe())
+
+
 Part = Callable[..., dict[str, Any]]  # (work folder, device, bf16 peak TFLOP/s or None) -> result
 # name -> (function, most seconds it may take, required: its failure fails the check)
 PARTS: dict[str, tuple[Part, float, bool]] = {
@@ -312,6 +351,7 @@ PARTS: dict[str, tuple[Part, float, bool]] = {
     "stage2": (part_stage2, 120.0, True),
     "stage1_speed": (part_stage1_speed, 150.0, True),
     "sampling": (part_sampling, 90.0, True),
+    "window_sampling": (part_window_sampling, 90.0, False),
     "sampling_compiled": (part_sampling_compiled, 120.0, False),
     "stage1_speed_compiled": (part_stage1_speed_compiled, 240.0, False),
 }

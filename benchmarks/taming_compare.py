@@ -16,7 +16,10 @@ alternately in one process (:func:`benchmarks.timing.time_alternating`):
 * the GPT training step (forward, cross-entropy, backward, AdamW) against
   :func:`transformer.training.stage2_step`, same GPT, batch 16 x 64 tokens.
 
-Two stand-ins make the reference importable offline. Its ``mingpt`` imports
+Stand-ins make the reference importable offline. ``taming.models.cond_transformer`` (whose
+``Net2NetTransformer.top_k_logits`` the sliding-window comparison calls) imports PyTorch Lightning and
+``taming.main`` (which imports Lightning and OmegaConf) for its base class and ``instantiate_from_config``:
+they are given ``nn.Module`` and :func:`instantiate_from_config` below. Its ``mingpt`` imports
 ``top_k_top_p_filtering`` from ``transformers`` (a large package whose recent releases no longer have
 it): :func:`top_k_top_p_filtering` below does what that function did and is called, and timed, by
 ``sample_with_past`` with top-k. Its LPIPS downloads VGG16 weights when built: here it is built on
@@ -80,10 +83,20 @@ def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1
     return logits
 
 
+def instantiate_from_config(config: dict[str, Any]) -> Any:
+    """``target(**params)``, what ``taming.main.instantiate_from_config`` does with a config section."""
+    module, name = config["target"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**config.get("params", {}))
+
+
 def import_reference() -> types.SimpleNamespace:
     """The reference modules, with the stand-ins described in the module docstring."""
     if "transformers" not in sys.modules:
         sys.modules["transformers"] = types.SimpleNamespace(top_k_top_p_filtering=top_k_top_p_filtering)
+    if "pytorch_lightning" not in sys.modules:
+        sys.modules["pytorch_lightning"] = types.SimpleNamespace(LightningModule=nn.Module)
+        sys.modules["taming.main"] = types.SimpleNamespace(instantiate_from_config=instantiate_from_config)
+    import taming.models.cond_transformer as cond_transformer
     import taming.modules.losses.lpips as lpips
     import taming.modules.losses.vqperceptual as vqperceptual
     import taming.modules.transformer.mingpt as mingpt
@@ -94,7 +107,8 @@ def import_reference() -> types.SimpleNamespace:
     lpips.models.vgg16 = lambda pretrained=False, **kwargs: vgg16(weights=None)
     lpips.LPIPS.load_from_pretrained = lambda self, name="vgg_lpips": None
     return types.SimpleNamespace(Encoder=Encoder, Decoder=Decoder, VectorQuantizer=VectorQuantizer2,
-                                 Loss=vqperceptual.VQLPIPSWithDiscriminator, mingpt=mingpt)
+                                 Loss=vqperceptual.VQLPIPSWithDiscriminator, mingpt=mingpt,
+                                 Net2NetTransformer=cond_transformer.Net2NetTransformer)
 
 
 class TamingVQModel(nn.Module):

@@ -108,3 +108,10 @@ def test_a_check_without_time_for_its_parts_fails_with_a_table_and_a_report(tmp_
     report = json.loads(out.read_text())
     assert report["passed"] is False and report["meta"]["peak_source"].startswith("unknown GPU")
     assert list(report["parts"]) == list(gpu_check.PARTS)
+
+
+def test_the_window_sampling_part_rehearses_on_the_cpu(tmp_path: Path) -> None:
+    outcome = gpu_check.part_window_sampling(tmp_path, "cpu", None)
+    figures = outcome["figures"]
+    assert outcome["status"] == "pass" and figures["grid"] == 4 * figures["window"]
+    assert figures["codes_per_s"] > 0 and figures["plain_codes_per_s"] > 0

@@ -3,6 +3,11 @@ of a plain reference that runs the whole window through the GPT for every code, 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +19,7 @@ from transformer.window import Run, sample_windowed, window_runs, window_start
 from vqgan.tiled_decode import decode_grid, decode_in_tiles, tile_starts
 
 K = 12  # image codes
+REPO = Path(__file__).resolve().parent.parent
 
 
 def taming_local(index: int, size: int) -> int:
@@ -264,3 +270,14 @@ def test_revisited_windows_reuse_their_caches_and_give_the_same_tokens(monkeypat
     assert runs[64, "tokens"] < 0.8 * runs[0, "tokens"]
     # taming's loop feeds the whole window, 1 + 9 - 1 tokens, for each of the 56 codes
     assert runs[64, "tokens"] < 0.5 * 56 * 9
+
+
+def test_the_benchmark_against_tamings_loop_draws_its_tokens(tmp_path):
+    """Runs in its own process: the benchmark puts stand-ins for Lightning into sys.modules."""
+    pytest.importorskip("taming")
+    out = tmp_path / "window.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.window_sampling", "--tiny", "--device", "cpu", "--threads", "1",
+                    "--out", str(out)], check=True, cwd=REPO, capture_output=True, timeout=300)
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 2 and all(result["same_tokens"] for result in results)
+    assert all(result["variants"]["taming"]["per_s"] > 0 for result in results)
