@@ -1,13 +1,15 @@
 """A paired folder from Fashion-MNIST: each garment with its foreground mask, for segmentation-conditioned priors.
 
     python -m benchmarks.make_paired_fashion_mnist --out DIR [--root /usr/share/datasets/fashion-mnist]
-                                                   [--limit-train N] [--limit-test N]
+                                                   [--limit-train N] [--limit-test N] [--mosaic K]
 
 Writes ``DIR/train/images/NNNNNN.png`` and ``DIR/train/conditions/NNNNNN.png`` (60000 pairs), and the same under
 ``DIR/test/`` (10000), numbered in the order of the idx files with six digits, as ``generate.py`` names the outputs
 of a test split, so samples drawn with ``--condition test`` and those drawn from this folder share their names.
 An image is the 28x28 8-bit grayscale picture exactly as stored; its map is an 8-bit label PNG
-(``data.num_labels: 2``): 1 where the pixel is above :data:`MASK_THRESHOLD`, else 0.
+(``data.num_labels: 2``): 1 where the pixel is above :data:`MASK_THRESHOLD`, else 0. With ``--mosaic K`` every
+pair is a K x K mosaic of consecutive garments (28K x 28K pixels; the last garments that do not fill a mosaic are
+left out): larger scenes whose windows a prior trains on (``data.crop_size``) and samples beyond their size.
 
 Why 10: half the pixels of Fashion-MNIST are exactly 0 and the rest are the garment, but a rim of values 1..8
 (the scan's fringe, a few percent of pixels) surrounds it. Counted on 2000 test images, ``> 0`` gives 7.5
@@ -75,6 +77,14 @@ def claim(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def mosaics(images: np.ndarray, side: int) -> np.ndarray:
+    """[N, H, W] images -> [N // side**2, side * H, side * W]: each ``side`` x ``side`` consecutive images in raster
+    order."""
+    count, height, width = images.shape
+    tiles = images[:count // side**2 * side**2].reshape(-1, side, side, height, width)
+    return tiles.transpose(0, 1, 3, 2, 4).reshape(-1, side * height, side * width)
+
+
 def write_split(images: np.ndarray, folder: Path, threshold: int) -> int:
     """Write ``folder/images/NNNNNN.png`` and ``folder/conditions/NNNNNN.png``; return the foreground pixel count."""
     image_dir, mask_dir = folder / "images", folder / "conditions"
@@ -94,12 +104,17 @@ def write_split(images: np.ndarray, folder: Path, threshold: int) -> int:
 
 
 def make_pairs(out: Path, root: Path = DEFAULT_ROOT, limits: dict[str, int | None] | None = None,
-               threshold: int = MASK_THRESHOLD) -> dict:
-    """Write the paired folder (see the module docstring); return the record written to ``out/RECORD``."""
+               threshold: int = MASK_THRESHOLD, mosaic: int = 1) -> dict:
+    """Write the paired folder (see the module docstring); return the record written to ``out/RECORD``. ``limits``
+    count garments."""
     limits = limits or {}
-    arrays = {split: idx_images(root, split)[:limits.get(split)] for split in SPLITS}
+    arrays = {split: mosaics(idx_images(root, split)[:limits.get(split)], mosaic) for split in SPLITS}
+    empty = [split for split, images in arrays.items() if not len(images)]
+    if empty:
+        raise ValueError(f"the {' and '.join(empty)} split would hold no {mosaic}x{mosaic} mosaic; allow at least "
+                         f"{mosaic * mosaic} garments per split.")
     claim(out)
-    record: dict = {"source": str(root), "threshold": threshold, "labels": 2, "complete": False}
+    record: dict = {"source": str(root), "threshold": threshold, "labels": 2, "mosaic": mosaic, "complete": False}
     (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")  # claimed before the first pair is written
     for split, images in arrays.items():
         foreground = write_split(images, out / split, threshold)
@@ -115,16 +130,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="folder of the four idx files")
     parser.add_argument("--limit-train", type=positive_int, default=None, help="write only the first N train pairs")
     parser.add_argument("--limit-test", type=positive_int, default=None, help="write only the first N test pairs")
+    parser.add_argument("--mosaic", type=positive_int, default=1,
+                        help="each pair a K x K mosaic of consecutive garments (default 1: single garments); the "
+                             "limits count garments")
     args = parser.parse_args(argv)
     try:
-        record = make_pairs(args.out, args.root, {"train": args.limit_train, "test": args.limit_test})
+        record = make_pairs(args.out, args.root, {"train": args.limit_train, "test": args.limit_test},
+                            mosaic=args.mosaic)
     except (FolderInUse, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     for split in SPLITS:
         print(f"wrote {record[split]['pairs']} {split} pairs to {args.out / split} (images/, conditions/) "
               f"(foreground {record[split]['foreground_fraction']:.1%} of pixels)")
-    print(f"images: 28x28 8-bit grayscale as in {args.root}; conditions: label 1 where pixel > {MASK_THRESHOLD}, "
-          f"else 0 (data.num_labels: 2); record in {args.out / RECORD}")
+    side = 28 * args.mosaic
+    print(f"images: {side}x{side} 8-bit grayscale from {args.root}; conditions: label 1 where pixel > "
+          f"{MASK_THRESHOLD}, else 0 (data.num_labels: 2); record in {args.out / RECORD}")
     return record
 
 

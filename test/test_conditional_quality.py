@@ -80,6 +80,19 @@ def test_pair_writer_keeps_the_images_and_thresholds_the_masks(tmp_path: Path, i
     assert json.loads((out / RECORD).read_text())["complete"]
 
 
+def test_mosaics_tile_consecutive_garments(tmp_path: Path, idx_root: Path, capsys) -> None:
+    out = tmp_path / "mosaics"
+    record = main(["--out", str(out), "--root", str(idx_root), "--mosaic", "2"])
+    assert "images: 56x56" in capsys.readouterr().out
+    assert (record["train"]["pairs"], record["mosaic"]) == (1, 2)  # 6 garments fill one mosaic of four
+    garment = garments(TRAIN, 0)
+    image, mask = (pixels(out / "train" / kind / "000000.png") for kind in ("images", "conditions"))
+    assert image.shape == (56, 56) and np.array_equal(image[:28, 28:], garment[1])
+    assert np.array_equal(image[28:, :28], garment[2]) and np.array_equal(mask, (image > MASK_THRESHOLD))
+    with pytest.raises(SystemExit, match="would hold no 2x2 mosaic"):
+        main(["--out", str(tmp_path / "none"), "--root", str(idx_root), "--mosaic", "2", "--limit-test", "3"])
+
+
 def test_pair_writer_refuses_a_folder_it_did_not_write(tmp_path: Path, idx_root: Path) -> None:
     out = tmp_path / "taken"
     out.mkdir()
