@@ -29,6 +29,7 @@ on both sides.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 import types
@@ -381,12 +382,23 @@ def vs_taming_targets(results: list[dict[str, Any]], ceiling: dict[str, Any] | N
     return targets
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    """Only the side-by-side part: ``python -m benchmarks.taming_compare [--quick] [--out FILE]``."""
-    args, mode, device = parse_benchmark_args(benchmark_parser(__doc__), argv)
+def reference_benchmark_args(description: str,
+                             argv: list[str] | None) -> tuple[argparse.Namespace, str, torch.device] | None:
+    """A side-by-side benchmark's (arguments, mode, device), or None, after saying why, where taming-transformers is
+    not installed."""
+    parsed = parse_benchmark_args(benchmark_parser(description), argv)
     if not reference_available():
         print(f"skipped: taming-transformers is not installed ({INSTALL_HINT})")
         return None
+    return parsed
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Only the side-by-side part: ``python -m benchmarks.taming_compare [--quick] [--out FILE]``."""
+    parsed = reference_benchmark_args(__doc__, argv)
+    if parsed is None:
+        return None
+    args, mode, device = parsed
     results: list[dict[str, Any]] = []
     ceiling = run_comparison(COMPARISONS[mode], device, results.append)
     report = {"meta": {"mode": mode, "device": str(device), "threads": torch.get_num_threads(),

@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.cli import benchmark_parser, parse_benchmark_args
 from benchmarks.report import print_and_save, record
-from benchmarks.taming_compare import INSTALL_HINT, import_reference, reference_available
+from benchmarks.taming_compare import import_reference, reference_benchmark_args
 from benchmarks.timing import time_alternating
 from transformer.gpt import GPT
 from transformer.taming import convert_gpt
@@ -159,10 +158,10 @@ def run(mode: str, device: torch.device, keep: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    args, mode, device = parse_benchmark_args(benchmark_parser(__doc__), argv)
-    if not reference_available():
-        print(f"skipped: taming-transformers is not installed ({INSTALL_HINT})")
+    parsed = reference_benchmark_args(__doc__, argv)
+    if parsed is None:
         return None
+    args, mode, device = parsed
     results: list[dict[str, Any]] = []
     run(mode, device, results.append)
     targets = [{"name": f"{r['title']}: this repository over taming", "value": r["speedup"], "need": TARGET_SPEEDUP,

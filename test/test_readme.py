@@ -124,6 +124,8 @@ def _quick_generate(command: list[str], workdir: Path) -> list[str]:
     if "--num" in quick:
         i = quick.index("--num") + 1
         quick[i] = str(min(int(quick[i]), QUICK_SAMPLES))
+    if "--size" in quick:  # beyond the training size: twice the quick runs' image size
+        quick[quick.index("--size") + 1] = str(2 * STAGE1["data"]["image_size"])
     if "--condition" in quick and not (workdir / quick[quick.index("--condition") + 1]).exists():
         quick[quick.index("--condition") + 1] = "test"  # a user's folder of maps: the held-out maps instead
     return quick
