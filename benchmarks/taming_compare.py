@@ -94,10 +94,15 @@ def import_reference() -> types.SimpleNamespace:
     """The reference modules, with the stand-ins described in the module docstring."""
     if "transformers" not in sys.modules:
         sys.modules["transformers"] = types.SimpleNamespace(top_k_top_p_filtering=top_k_top_p_filtering)
-    if "pytorch_lightning" not in sys.modules:
-        sys.modules["pytorch_lightning"] = types.SimpleNamespace(LightningModule=nn.Module)
-        sys.modules["taming.main"] = types.SimpleNamespace(instantiate_from_config=instantiate_from_config)
-    import taming.models.cond_transformer as cond_transformer
+    lightning = {"pytorch_lightning": types.SimpleNamespace(LightningModule=nn.Module),
+                 "taming.main": types.SimpleNamespace(instantiate_from_config=instantiate_from_config)}
+    installed = {name: module for name, module in lightning.items() if name not in sys.modules}
+    sys.modules.update(installed)
+    try:  # the stand-ins are needed while the module is imported only; they must not look installed afterwards
+        import taming.models.cond_transformer as cond_transformer
+    finally:
+        for name in installed:
+            sys.modules.pop(name, None)
     import taming.modules.losses.lpips as lpips
     import taming.modules.losses.vqperceptual as vqperceptual
     import taming.modules.transformer.mingpt as mingpt

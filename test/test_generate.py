@@ -118,13 +118,14 @@ def test_sample_labels_cycle_and_settings_default_to_the_checkpoint(ckpts: Check
     assert labels([1, 7], 0, 5) == [1, 7, 1, 7, 1] and labels([1, 7], 3, 2) == [7, 1]
 
     def settings(**given: float | None) -> dict:
-        flags = {"temperature": None, "top_k": None, "top_p": None, "cfg_scale": None, "compile": None, **given}
+        flags = {"temperature": None, "top_k": None, "top_p": None, "cfg_scale": None, "compile": None,
+                 "window_caches": None, **given}
         return generate.sampling_settings(prior, state, argparse.Namespace(**flags))
 
     assert settings() == {"temperature": 1.0, "top_k": STAGE2["sample"]["top_k"], "top_p": None, "cfg_scale": 1.0,
-                          "compile": False}
-    assert settings(top_k=0, temperature=0.5, cfg_scale=2.0, compile=True) == {
-        "temperature": 0.5, "top_k": None, "top_p": None, "cfg_scale": 2.0, "compile": True}
+                          "compile": False, "window_caches": 64}
+    assert settings(top_k=0, temperature=0.5, cfg_scale=2.0, compile=True, window_caches=0) == {
+        "temperature": 0.5, "top_k": None, "top_p": None, "cfg_scale": 2.0, "compile": True, "window_caches": 0}
     unconditional, state = generate.load_prior(ckpts.unconditional, torch.device("cpu"))
     assert generate.sample_labels(generate.class_cycle(unconditional, None), 0, 4) is None
     with pytest.raises(generate.UsageError, match="cfg-scale"):
