@@ -41,7 +41,16 @@ from utils.checkpoint import (
     set_rng_state,
     training_checkpoint,
 )
-from utils.config import ConfigError, DataConfig, building, condition_channels, save_config, to_dict, training_size
+from utils.config import (
+    ConfigError,
+    DataConfig,
+    building,
+    condition_channels,
+    is_cropped,
+    save_config,
+    to_dict,
+    training_size,
+)
 from utils.device import autocast_dtype, configure_backends, describe_environment, resolve_device
 from utils.distributed import DistInfo, on_every_rank, wrap_ddp
 from utils.logging import TrainingLog
@@ -242,10 +251,6 @@ def check_crops(cfg: Stage2Config, vqgan: VQGAN, condition: Condition | None) ->
         raise ConfigError(f"data.crop_size crops the condition's tokens with the image's codes, but the condition "
                           f"gives {condition.num_tokens} tokens for {h}x{w} codes. Use a condition tokenizer with the "
                           f"image VQGAN's downsampling factor {factor}.")
-
-
-def is_cropped(data: DataConfig) -> bool:
-    return data.crop_size is not None and data.crop_size < data.image_size
 
 
 def token_sequences(indices: torch.Tensor, conditions: torch.Tensor, vqgan: VQGAN, cfg: Stage2Config) -> Dataset:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset, Subset
 
-from utils.config import DataConfig, validate_data
+from utils.config import DataConfig, is_cropped, validate_data
 
 from .builtin import ShapesDataset
 from .conditions import ConditionsOnly, DerivedConditions, ImagesOnly
@@ -47,7 +47,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
     dataset = _images(cfg, split, augment)
     if cfg.condition in ("lowres", "coord"):
         dataset = DerivedConditions(dataset, cfg.condition, cfg.lowres_factor)
-    if cfg.crop_size is not None and cfg.crop_size < cfg.image_size:
+    if is_cropped(cfg):
         dataset = Crops(dataset, cfg.crop_size, random=split == "train")
     if cfg.content == "conditions":
         dataset = ConditionsOnly(dataset)

@@ -148,6 +148,11 @@ def training_size(data: DataConfig) -> int:
     return data.crop_size or data.image_size
 
 
+def is_cropped(data: DataConfig) -> bool:
+    """Whether models see crops of the images (``data.crop_size`` set and below ``data.image_size``)."""
+    return data.crop_size is not None and data.crop_size < data.image_size
+
+
 def validate_data(data: DataConfig) -> None:
     """Raise ConfigError on impossible values of the ``data`` section (also checked when a dataset is built)."""
     check(data.channels in (1, 3), f"data.channels must be 1 or 3, got {data.channels}.")
