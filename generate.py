@@ -2,6 +2,7 @@
 
     python generate.py sample --checkpoint STAGE2.pt --num 64 --out DIR [--class C ...] [--seed S]
         [--temperature T] [--top-k K] [--top-p P] [--cfg-scale S] [--compile] [--fid-ref test|CONFIG|FOLDER]
+        [--class-fidelity]
     python generate.py sample --checkpoint STAGE2.pt --condition FOLDER|test --out DIR [--samples-per-condition K]
     python generate.py sample --checkpoint STAGE2.pt --size H [W] ...  (beyond the training size: sliding window)
     python generate.py complete --checkpoint STAGE2.pt --input test|CONFIG|FOLDER --keep 0.5 --out DIR
@@ -29,6 +30,7 @@ with the real images, where there are some, in ``FOLDER/images/NAME.*``; otherwi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -36,9 +38,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataloader import DataError
+from dataloader import DataError, build_dataset, data_settings, num_classes_of
 from dataloader.inputs import ConditionedInputs, ImageSet, conditioned_inputs, data_config_of, resolve_images
 from dataloader.transforms import coord_map
 from transformer import VQGANPrior
@@ -47,8 +50,10 @@ from transformer.config import Stage2Config, check_sampling
 from transformer.pictures import prior_samples_picture, save_condition_grid
 from transformer.sampling import SamplingConfig
 from transformer.taming_import import import_taming_checkpoint
+from transformer.token_cache import cache_key, default_cache_folder
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, check_number, from_dict
+from utils.evaluation.class_fidelity import FidelityTally, JudgeSettings, cached_judge
 from utils.evaluation.inception import InceptionWeightsError, load_inception
 from utils.evaluation.metrics import FeatureSet, generation_fid
 from utils.logging import MetricsFileError, read_metrics
@@ -253,9 +258,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     prior, state = load_prior(args.checkpoint, device)
     settings = sampling_settings(prior, state, args)
     settings["grid"] = sample_grid(prior, args.size)
-    if args.size is not None and args.fid_ref is not None:
-        raise UsageError("--fid-ref compares samples with real images of the training size; leave out --size (or "
-                         "--fid-ref).")
+    for flag, given in (("--fid-ref", args.fid_ref is not None), ("--class-fidelity", args.class_fidelity)):
+        if args.size is not None and given:
+            raise UsageError(f"{flag} compares samples with real images of the training size; leave out --size (or "
+                             f"{flag}).")
     if args.condition is not None or prior.condition.kind in MAP_KINDS:
         sample_conditions(args, prior, state, settings, out, device)
         return
@@ -267,6 +273,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if reference is not None and num < 2:
         raise UsageError("FID needs at least 2 samples; raise --num (thousands for a meaningful value).")
     inception = load_inception(args.inception, device) if reference is not None else None
+    judge = class_judge(args, prior, state, device) if args.class_fidelity else None
     generator = torch.Generator(device).manual_seed(args.seed)
     features = FeatureSet()
     shown: list[torch.Tensor] = []
@@ -283,15 +290,46 @@ def cmd_sample(args: argparse.Namespace) -> None:
         shown.append(images[:max(0, GRID_IMAGES - start)])
         if inception is not None:
             features.update(inception(images))
+        if judge is not None:
+            judge.update(images, condition)
     cycle = len(args.classes) if args.classes else prior.num_classes
     columns = cycle if 1 < cycle <= MAX_CLASS_COLUMNS else GRID_COLUMNS
     save_grid(torch.cat(shown), out / "grid.png", nrow=min(columns, num))
     print(f"wrote {num} samples to {out} ({out / 'grid.png'})")
+    if reference is None and judge is None:
+        return
+    metrics: dict[str, Any] = {"checkpoint": args.checkpoint, "n_samples": num}
     if reference is not None:
         loader = reference.loader(args.batch_size)
         fid, n_reference = generation_fid(features, loader, inception, total=len(loader))
-        report({"checkpoint": args.checkpoint, "reference": reference.description, "n_samples": num,
-                "n_reference": n_reference, "fid": fid, "seed": args.seed, **settings}, out, "generation FID")
+        metrics.update(reference=reference.description, n_reference=n_reference, fid=fid)
+    if judge is not None:
+        metrics.update(judge.result())
+    metrics.update(seed=args.seed, **settings)
+    report(metrics, out, "sample metrics")
+
+
+def class_judge(args: argparse.Namespace, prior: VQGANPrior, state: dict, device: torch.device) -> FidelityTally:
+    """The judge of ``--class-fidelity``: a classifier of the prior's training data, trained on its train split the
+    first time and read from the token cache folder after that."""
+    if not prior.class_conditional:
+        raise UsageError(f"--class-fidelity measures whether samples show the class asked for, and this prior is "
+                         f"{'unconditional' if not prior.conditional else 'conditioned on ' + prior.condition.kind}; "
+                         f"it needs a class-conditional prior.")
+    data = data_config_of(state["config"])
+    settings = JudgeSettings()
+    key = cache_key([], {"data": data_settings(data), "judge": dataclasses.asdict(settings)})
+    folder = Path(args.token_cache) if args.token_cache else default_cache_folder()
+
+    def datasets() -> tuple[Dataset, Dataset, int, int]:
+        train = build_dataset(data, "train")
+        return train, build_dataset(data, "test"), num_classes_of(train), data.channels
+
+    judged = cached_judge(folder / f"judge_{data.name}_{key}.pt", datasets, settings, device, data.num_workers)
+    if judged["num_classes"] != prior.num_classes:
+        raise UsageError(f"the prior draws {prior.num_classes} classes but its data ({data.name}) has "
+                         f"{judged['num_classes']}; the checkpoint's data section does not describe its training data.")
+    return FidelityTally(judged, device)
 
 
 def conditioned_inputs_of(spec: str, prior: VQGANPrior, state: dict, limit: int | None, need_images: bool,
@@ -327,9 +365,9 @@ def sample_conditions(args: argparse.Namespace, prior: VQGANPrior, state: dict, 
     if not (prior.condition.kind in MAP_KINDS or prior.condition.kind == "coord"):
         raise UsageError(f"--condition gives condition maps, but this prior is conditioned on "
                          f"{prior.condition.kind}; leave --condition out (and use --class for a class).")
-    if args.classes is not None or args.fid_ref is not None:
-        raise UsageError("--class and --fid-ref do not go with --condition: a map-conditioned prior samples what "
-                         "its maps say.")
+    if args.classes is not None or args.fid_ref is not None or args.class_fidelity:
+        raise UsageError("--class, --class-fidelity and --fid-ref do not go with --condition: a map-conditioned prior "
+                         "samples what its maps say.")
     per_condition = args.samples_per_condition or 1
     height, width = settings["grid"]
     if height != width:
@@ -634,6 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--fid-ref", default=None,
                         help="also compute FID against these real images: 'test', a YAML config or a folder")
     sample.add_argument("--inception", default=None, help="FID Inception weights file (default: found locally)")
+    sample.add_argument("--class-fidelity", action="store_true",
+                        help="also measure how often the samples show the class asked for, and how often they "
+                             "nearly copy a training image, with a classifier of the prior's training data (trained "
+                             "on its train split the first time, then kept in --token-cache); use --num 1000 or more")
+    sample.add_argument("--token-cache", default=None,
+                        help="folder of cached results, here the class judge (default: $VQGAN_TOKEN_CACHE, else "
+                             "$XDG_CACHE_HOME/vqgan/tokens, else ~/.cache/vqgan/tokens)")
     sample.set_defaults(run=cmd_sample)
 
     complete = commands.add_parser("complete", help="keep the top of each image's token grid and sample the rest")

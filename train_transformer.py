@@ -19,20 +19,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from dataloader import CheckedLoader, DataError, build_dataset, build_loader, infinite_batches, num_classes_of
+from dataloader import (
+    CheckedLoader,
+    DataError,
+    build_dataset,
+    build_loader,
+    data_settings,
+    infinite_batches,
+    num_classes_of,
+)
 from dataloader.crops import Crops
-from dataloader.folder import folder_fingerprint
 from transformer import VQGANPrior
 from transformer.conditions import MAP_KINDS, Condition, build_condition
 from transformer.config import Stage2Config
 from transformer.pictures import save_condition_grid
-from transformer.token_cache import cache_key, tokenize_dataset
+from transformer.token_cache import cache_key, default_cache_folder, tokenize_dataset
 from transformer.training import stage2_step
 from utils.checkpoint import (
     load_checkpoint,
@@ -67,13 +73,6 @@ METRIC_COLUMNS = ["lr", "loss", "bits_per_token", "grad_norm", "items_per_s", "b
 PLOT_GROUPS = {"prior": ["loss", "bits_per_token", "lr"]}
 
 
-def default_token_cache() -> Path:
-    """``$VQGAN_TOKEN_CACHE``, else ``$XDG_CACHE_HOME/vqgan/tokens``, else ``~/.cache/vqgan/tokens``."""
-    if os.environ.get("VQGAN_TOKEN_CACHE"):
-        return Path(os.environ["VQGAN_TOKEN_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vqgan" / "tokens"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = training_parser(__doc__, Stage2Config)
     parser.add_argument("--vqgan", required=True, help="stage-1 checkpoint (runs/<name>/checkpoints/last.pt)")
@@ -92,7 +91,7 @@ def train(cfg: Stage2Config, run_dir: Path, args: argparse.Namespace, info: Dist
     configure_backends(device)
     config_dict = to_dict(cfg)
     resume_state = prepare_run(run_dir, config_dict, resume=args.resume, force=args.force, kind=KIND, info=info)
-    cache = Path(args.token_cache) if args.token_cache else default_token_cache()
+    cache = Path(args.token_cache) if args.token_cache else default_cache_folder()
     with on_every_rank(info):  # every node needs the stage-1 checkpoints and the data
         vqgan_state = load_checkpoint(args.vqgan, kind="vqgan")
         vqgan = VQGAN.from_checkpoint(vqgan_state, args.vqgan).to(device)
@@ -266,13 +265,9 @@ def token_sequences(indices: torch.Tensor, conditions: torch.Tensor, vqgan: VQGA
 
 
 def token_cache_name(stage1_paths: list[str], data: DataConfig, split: str, extra: dict | None = None) -> str:
-    """The cache file of ``split``'s tokens: named by the stage-1 checkpoints, the data settings that change images
-    and, for an image folder, the names, sizes and modification times of its files (so edited images are
-    tokenised again)."""
-    settings = {k: v for k, v in to_dict(data).items() if k not in ("num_workers", "random_flip", "crop_size")}
-    settings.update(extra or {})
-    if data.name == "folder" and Path(data.root).is_dir():
-        settings["files"] = folder_fingerprint(data.root)
+    """The cache file of ``split``'s tokens: named by the stage-1 checkpoints and the data settings that change the
+    whole images (crops are taken from their codes)."""
+    settings = {**data_settings(data, ignore=("random_flip", "crop_size")), **(extra or {})}
     return f"{data.name}_{split}_{cache_key(stage1_paths, {'data': settings, 'split': split})}.pt"
 
 

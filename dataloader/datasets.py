@@ -1,4 +1,4 @@
-"""Build the dataset a ``DataConfig`` asks for, and tell how many classes a dataset has.
+"""Build the dataset a ``DataConfig`` asks for, tell how many classes a dataset has and which settings identify it.
 
 Without a condition every item is ``(image, label)``: a float tensor [C,H,W] in [-1, 1] with C =
 ``channels`` and H = W = ``image_size`` (``crop_size`` when set), and an int label (0 for datasets without
@@ -9,17 +9,19 @@ segmentation a long [1,H,W] label map (values 0..num_labels-1, not one-hot), dep
 (``transforms.coord_map``, never flipped).
 """
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
-from utils.config import DataConfig, is_cropped, validate_data
+from utils.config import DataConfig, is_cropped, to_dict, validate_data
 
 from .builtin import ShapesDataset
 from .conditions import ConditionsOnly, DerivedConditions, ImagesOnly
 from .crops import Crops
 from .errors import DatasetFormatError
-from .folder import load_folder
+from .folder import folder_fingerprint, load_folder
 from .paired import CONDITION_KINDS, has_condition_maps, load_paired
 from .standard import load_cifar10, load_idx_dataset
 
@@ -86,3 +88,13 @@ def num_classes_of(dataset: Dataset) -> int:
     while isinstance(dataset, (Subset, DerivedConditions, ConditionsOnly, ImagesOnly, Crops)):
         dataset = dataset.dataset
     return int(getattr(dataset, "num_classes", 0))
+
+
+def data_settings(data: DataConfig, ignore: Sequence[str] = ()) -> dict[str, Any]:
+    """The data settings that change what a cached result is computed from (all but ``num_workers`` and the
+    ``ignore`` keys), plus, for an image folder, the names, sizes and modification times of its files (so that
+    edited images count as new data)."""
+    settings = {k: v for k, v in to_dict(data).items() if k != "num_workers" and k not in ignore}
+    if data.name == "folder" and Path(data.root).is_dir():
+        settings["files"] = folder_fingerprint(data.root)
+    return settings

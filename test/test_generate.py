@@ -20,6 +20,7 @@ import train_vqgan
 import utils.run_dir
 from dataloader import build_dataset
 from dataloader.inputs import data_config_of
+from utils.evaluation.class_fidelity import JudgeSettings
 from utils.evaluation.metrics import FeatureSet, FeatureStats, fid_from_stats, psnr, ssim
 from utils.pictures import plot_metrics_overview, save_images
 from vqgan.evaluation import CodebookStats, ReconstructionMetrics
@@ -353,3 +354,30 @@ def test_save_images_and_metrics_overview(tmp_path: Path) -> None:
     csv.write_text("step,loss,p_loss,lr\n1,2.0,,0.1\n2,1.5,,0.1\n")
     assert plot_metrics_overview(csv, tmp_path / "curves.png") == ["loss", "lr"]
     assert (tmp_path / "curves.png").is_file()
+
+
+def test_sample_reports_class_fidelity_and_caches_the_judge(ckpts: Checkpoints, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generate, "JudgeSettings", lambda: JudgeSettings(width=4, steps=4, batch_size=16))
+    cache = tmp_path / "cache"
+    for out in ("a", "b"):
+        run("sample", "--checkpoint", ckpts.prior, "--num", 10, "--batch-size", 4, "--class-fidelity",
+            "--token-cache", cache, "--out", tmp_path / out)
+    assert len(list(cache.glob("judge_builtin_*.pt"))) == 1
+    first, second = (json.loads((tmp_path / out / "metrics.json").read_text()) for out in ("a", "b"))
+    assert first == second
+    assert first["n_samples"] == 10 and 0 <= first["class_fidelity"] <= 1 and 0 <= first["near_copy_rate"] <= 1
+    assert set(first["per_class_fidelity"]) == {str(c) for c in range(10)}
+    assert "fid" not in first
+
+
+@pytest.mark.parametrize("case", ["unconditional", "size"])
+def test_class_fidelity_refusals(case: str, ckpts: Checkpoints, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture) -> None:
+    args, expected = {
+        "unconditional": (["--checkpoint", ckpts.unconditional], "needs a class-conditional prior"),
+        "size": (["--checkpoint", ckpts.prior, "--size", 32], "leave out --size"),
+    }[case]
+    assert expected in fails(capsys, "sample", *args, "--class-fidelity", "--token-cache", tmp_path / "cache",
+                             "--out", tmp_path / "out")
+    assert not (tmp_path / "cache").exists()

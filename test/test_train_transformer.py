@@ -14,7 +14,7 @@ import generate
 import train_transformer
 import train_vqgan
 from dataloader import build_dataset
-from transformer.token_cache import tokenize_dataset
+from transformer.token_cache import default_cache_folder, tokenize_dataset
 from utils.checkpoint import CheckpointError
 from utils.config import DataConfig
 
@@ -91,10 +91,10 @@ def test_token_cache_folder_by_flag_and_environment(config: Path, workdir: Path,
     assert len(list((workdir / "mine").glob("builtin_train_*.pt"))) == 1 and not (workdir / "token-cache").exists()
     monkeypatch.delenv("VQGAN_TOKEN_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(workdir / "xdg"))
-    assert train_transformer.default_token_cache() == workdir / "xdg" / "vqgan" / "tokens"
+    assert default_cache_folder() == workdir / "xdg" / "vqgan" / "tokens"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(workdir / "home"))
-    assert train_transformer.default_token_cache() == workdir / "home" / ".cache" / "vqgan" / "tokens"
+    assert default_cache_folder() == workdir / "home" / ".cache" / "vqgan" / "tokens"
 
 
 def test_weight_ema_is_kept_saved_and_used_for_sampling(config: Path, workdir: Path, stage1: Path) -> None:

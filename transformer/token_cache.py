@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import warnings
 from collections.abc import Sequence
@@ -22,6 +23,13 @@ from tqdm import tqdm
 from utils.checkpoint import save_checkpoint
 
 TOKENIZE_BATCH = 256
+
+
+def default_cache_folder() -> Path:
+    """``$VQGAN_TOKEN_CACHE``, else ``$XDG_CACHE_HOME/vqgan/tokens``, else ``~/.cache/vqgan/tokens``."""
+    if os.environ.get("VQGAN_TOKEN_CACHE"):
+        return Path(os.environ["VQGAN_TOKEN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vqgan" / "tokens"
 
 
 def cache_key(checkpoints: Sequence[str | Path], settings: dict[str, Any]) -> str:
