@@ -72,6 +72,7 @@ _SDF: dict[str, Sdf] = {
     "frame": lambda u, v, r: np.maximum(_box(u, v, 0.85 * r, 0.85 * r), -_box(u, v, 0.5 * r, 0.5 * r)),
 }
 _UPRIGHT = {"square", "diamond", "frame"}
+RENDER_VERSION = 1  # raised whenever the pictures change: caches of results computed from them are keyed by it
 
 
 def _with_luma(rgb: np.ndarray, target: float) -> np.ndarray:

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from utils.config import DataConfig, is_cropped, to_dict, validate_data
 
-from .builtin import ShapesDataset
+from .builtin import RENDER_VERSION, ShapesDataset
 from .conditions import ConditionsOnly, DerivedConditions, ImagesOnly
 from .crops import Crops
 from .errors import DatasetFormatError
@@ -93,8 +93,10 @@ def num_classes_of(dataset: Dataset) -> int:
 def data_settings(data: DataConfig, ignore: Sequence[str] = ()) -> dict[str, Any]:
     """The data settings that change what a cached result is computed from (all but ``num_workers`` and the
     ``ignore`` keys), plus, for an image folder, the names, sizes and modification times of its files (so that
-    edited images count as new data)."""
+    edited images count as new data), and for the built-in data the version of its renderer."""
     settings = {k: v for k, v in to_dict(data).items() if k != "num_workers" and k not in ignore}
+    if data.name == "builtin":
+        settings["render_version"] = RENDER_VERSION
     if data.name == "folder" and Path(data.root).is_dir():
         settings["files"] = folder_fingerprint(data.root)
     return settings

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tiny_training import REPO, STAGE1, STAGE2, load_plain, start, write_config
 
+import dataloader.datasets
 import generate
 import train_transformer
 import train_vqgan
@@ -299,6 +300,13 @@ def test_token_cache_key_follows_the_folder_contents(stage1: Path, tmp_path: Pat
     picture.rename(images / "09.png")
     assert train_transformer.token_cache_name([stage1], data, "train") not in (key, changed)
 
+
+
+def test_token_cache_key_follows_the_builtin_renderer(stage1: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = DataConfig(name="builtin", image_size=16)
+    key = train_transformer.token_cache_name([stage1], data, "train")
+    monkeypatch.setattr(dataloader.datasets, "RENDER_VERSION", dataloader.datasets.RENDER_VERSION + 1)
+    assert train_transformer.token_cache_name([stage1], data, "train") != key
 
 # ------------------------------------------------------------------------------------------- run folder
 
