@@ -65,6 +65,19 @@ def test_kv_cache_matches_full_forward(positions, chunks):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
 
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_kv_cache_under_bf16_autocast_matches_full_forward(positions):
+    gpt = tiny_gpt(positions)
+    idx = torch.randint(VOCAB, (2, BLOCK))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = gpt(idx)[0]
+        cache = gpt.new_cache(2)
+        pieces = [gpt.forward_with_cache(idx[:, :5], cache)]
+        pieces += [gpt.forward_with_cache(idx[:, t:t + 1], cache) for t in range(5, BLOCK)]
+    assert cache.keys[0].dtype == torch.bfloat16
+    torch.testing.assert_close(torch.cat(pieces, dim=1).float(), full.float(), atol=0.05, rtol=0)
+
 def test_kv_cache_limits():
     gpt = tiny_gpt()
     cache = gpt.new_cache(2, max_len=4)

@@ -85,6 +85,12 @@ def test_tiny_run_writes_artefacts_and_reuses_the_token_cache(config: Path, work
     assert list((workdir / "token-cache").iterdir()) == caches
 
 
+
+def test_bf16_training_draws_its_sample_grids(config: Path, workdir: Path, stage1: Path) -> None:
+    run = workdir / "run"
+    train(config, run, stage1, "train.precision=bf16", "train.sample_every=1", "train.max_steps=1")
+    assert [p.name for p in (run / "samples").iterdir()] == ["step_000001.png"]
+
 def test_token_cache_folder_by_flag_and_environment(config: Path, workdir: Path, stage1: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     train(config, workdir / "run", stage1, "train.max_steps=1", "--token-cache", str(workdir / "mine"))

@@ -195,13 +195,16 @@ class GPT(nn.Module):
         return logits, loss
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` (default block_size) tokens."""
+        """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` (default block_size) tokens, in the
+        dtype the keys will have: autocast's where it is on (bf16 sampling), else the weights'."""
         max_len = max_len or self.block_size
         if max_len > self.block_size:
             raise ValueError(f"cache length {max_len} exceeds block_size {self.block_size}.")
         weight = self.tok_emb.weight
+        device_type = weight.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
         return KVCache(self.n_layer, batch_size, self.n_head, max_len, self.n_embd // self.n_head,
-                       device=weight.device, dtype=weight.dtype)
+                       device=weight.device, dtype=dtype)
 
     def forward_with_cache(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Append ``idx`` [B, t] after the ``cache.length`` cached positions; logits [B, t, out_vocab_size]."""
