@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import read_cached, save_checkpoint
 
 TOKENIZE_BATCH = 256
 
@@ -57,12 +55,9 @@ def tokenize_dataset(vqgan: Any, make_dataset: Callable[[], tuple[Dataset, int]]
     With ``condition`` (condition maps [B, ...] -> token ids [B, L]) the dataset's items are (image,
     condition map, label) and the result also holds their tokens, "conditions": int32 [N, L]."""
     path = Path(path)
-    if path.is_file():
-        try:
-            return torch.load(path, weights_only=True)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-            warnings.warn(f"token cache {path} is unreadable ({str(err).splitlines()[0]}); tokenising again.",
-                          stacklevel=2)
+    cached = read_cached(path, "token cache", "tokenising")
+    if cached is not None:
+        return cached
     dataset, num_classes = make_dataset()
     loader = loader_class(dataset, batch_size=TOKENIZE_BATCH, shuffle=False, num_workers=num_workers)
     all_indices, all_labels, all_conditions = [], [], []

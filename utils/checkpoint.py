@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,18 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
                               f"permissions; the previous version of the file, if any, is intact.") from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_cached(path: Path, what: str, redo: str) -> dict[str, Any] | None:
+    """The plain dict of tensors and numbers cached at ``path`` (read with ``weights_only``), or None when there is
+    none; an unreadable file is ignored with a warning that names ``what`` it held and says it is ``redo`` again."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        warnings.warn(f"{what} {path} is unreadable ({str(err).splitlines()[0]}); {redo} again.", stacklevel=3)
+        return None
 
 
 def _write_failure(err: Exception) -> str:

@@ -16,8 +16,6 @@ weights, its settings, the features of the training images and the test figures.
 
 from __future__ import annotations
 
-import pickle
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import read_cached, save_checkpoint
 
 NEAREST_CHUNK = 4096  # training features compared with a batch at once
 MIN_SIDE = 8  # three 2x poolings leave at least 1x1
@@ -160,12 +158,9 @@ def cached_judge(path: str | Path, make_datasets: Callable[[], tuple[Dataset, Da
     """The judge stored at ``path``; otherwise one trained on the (train set, test set, number of classes,
     channels) that ``make_datasets`` builds, and stored there."""
     path = Path(path)
-    if path.is_file():
-        try:
-            return torch.load(path, weights_only=True)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-            warnings.warn(f"class judge {path} is unreadable ({str(err).splitlines()[0]}); training it again.",
-                          stacklevel=2)
+    cached = read_cached(path, "class judge", "training it")
+    if cached is not None:
+        return cached
     train_set, test_set, num_classes, channels = make_datasets()
     state = train_judge(train_set, test_set, num_classes, channels, settings, device, num_workers)
     save_checkpoint(state, path)
