@@ -29,7 +29,6 @@ from tqdm import tqdm
 from utils.checkpoint import read_cached, save_checkpoint
 
 NEAREST_CHUNK = 4096  # training features compared with a batch at once
-MIN_SIDE = 8  # three 2x poolings leave at least 1x1
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,6 @@ class ClassJudge(nn.Module):
             inputs = width * mult
         self.body = nn.Sequential(*stages)
         self.head = nn.Linear(inputs, num_classes)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised pooled features [N, 4 * width]."""
-        return F.normalize(self.body(images).mean(dim=(2, 3)), dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(images).mean(dim=(2, 3)))
