@@ -30,7 +30,10 @@ with the real images, where there are some, in ``FOLDER/images/NAME.*``; otherwi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
+import io
 import json
 import math
 from pathlib import Path
@@ -38,10 +41,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataloader import DataError, build_dataset, data_settings, num_classes_of
+from dataloader import DataError, build_dataset, class_names_of, data_settings, num_classes_of
 from dataloader.inputs import ConditionedInputs, ImageSet, conditioned_inputs, data_config_of, resolve_images
 from dataloader.transforms import coord_map
 from transformer import VQGANPrior
@@ -51,18 +55,21 @@ from transformer.pictures import prior_samples_picture, save_condition_grid
 from transformer.sampling import SamplingConfig
 from transformer.taming_import import import_taming_checkpoint
 from transformer.token_cache import cache_key, default_cache_folder
+from transformer.window import Progress
+from utils import demo
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, check_number, from_dict
 from utils.evaluation.class_fidelity import FidelityTally, JudgeSettings, cached_judge
 from utils.evaluation.inception import InceptionWeightsError, load_inception
 from utils.evaluation.metrics import FeatureSet, generation_fid
 from utils.logging import MetricsFileError, read_metrics
-from utils.pictures import save_grid, save_images, save_reconstruction_grid, training_curves_picture
+from utils.pictures import grid_picture, save_grid, save_images, save_reconstruction_grid, training_curves_picture
 from utils.run_dir import prove_writable
 from utils.script import StrictParser, clean_exit
 from vqgan import LPIPS, VQGAN, LPIPSWeightsError, LPIPSWeightsMismatchError
 from vqgan.evaluation import ReconstructionMetrics, decode_batches, reconstruct_batches
 from vqgan.pictures import tokenizer_pictures
+from vqgan.tiled_decode import decode_grid
 
 GRID_IMAGES = 64
 GRID_CONDITIONS = 16  # rows of the condition and completion grids
@@ -252,10 +259,28 @@ def sample_grid(prior: VQGANPrior, size: list[int] | None) -> tuple[int, int]:
     return height // factor, width // factor
 
 
-def cmd_sample(args: argparse.Namespace) -> None:
+@dataclasses.dataclass
+class LoadedPrior:
+    """A stage-2 checkpoint already loaded, for commands run again and again on it (the demo page)."""
+
+    prior: VQGANPrior
+    state: dict
+    device: torch.device
+
+
+def loaded_prior(args: argparse.Namespace, loaded: LoadedPrior | None) -> LoadedPrior:
+    """``loaded``, or the prior of ``--checkpoint`` on ``--device``."""
+    if loaded is not None:
+        return loaded
     device = pick_device(args.device)
+    return LoadedPrior(*load_prior(args.checkpoint, device), device)
+
+
+def cmd_sample(args: argparse.Namespace, loaded: LoadedPrior | None = None, progress: Progress | None = None) -> Path:
+    """``sample``; returns the grid picture's path. ``progress`` see :meth:`transformer.VQGANPrior.sample`."""
     out = output_folder(args.out)
-    prior, state = load_prior(args.checkpoint, device)
+    model = loaded_prior(args, loaded)
+    prior, state, device = model.prior, model.state, model.device
     settings = sampling_settings(prior, state, args)
     settings["grid"] = sample_grid(prior, args.size)
     for flag, given in (("--fid-ref", args.fid_ref is not None), ("--class-fidelity", args.class_fidelity)):
@@ -263,8 +288,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} compares samples with real images of the training size; leave out --size (or "
                              f"{flag}).")
     if args.condition is not None or prior.condition.kind in MAP_KINDS:
-        sample_conditions(args, prior, state, settings, out, device)
-        return
+        return sample_conditions(args, prior, state, settings, out, device, progress)
     num = args.num or GRID_IMAGES
     if args.samples_per_condition is not None:
         raise UsageError("--samples-per-condition goes with --condition; use --num for the number of samples.")
@@ -284,7 +308,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             factor = prior.vqgan.downsample_factor
             height, width = settings["grid"]
             condition = coord_map(height * factor, width * factor).expand(count, 1, -1, -1)
-        _, images = prior.sample(count, condition, generator=generator, **settings)
+        _, images = prior.sample(count, condition, generator=generator, progress=progress, **settings)
         images = images.clamp(-1, 1).float().cpu()
         save_images(images, out, start)
         shown.append(images[:max(0, GRID_IMAGES - start)])
@@ -297,7 +321,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     save_grid(torch.cat(shown), out / "grid.png", nrow=min(columns, num))
     print(f"wrote {num} samples to {out} ({out / 'grid.png'})")
     if reference is None and judge is None:
-        return
+        return out / "grid.png"
     metrics: dict[str, Any] = {"checkpoint": args.checkpoint, "n_samples": num}
     if reference is not None:
         loader = reference.loader(args.batch_size)
@@ -307,6 +331,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         metrics.update(judge.result())
     metrics.update(seed=args.seed, **settings)
     report(metrics, out, "sample metrics")
+    return out / "grid.png"
 
 
 def class_judge(args: argparse.Namespace, prior: VQGANPrior, state: dict, device: torch.device) -> FidelityTally:
@@ -356,7 +381,7 @@ def prior_condition(prior: VQGANPrior, conditions: torch.Tensor, labels: torch.T
 
 
 def sample_conditions(args: argparse.Namespace, prior: VQGANPrior, state: dict, settings: dict[str, Any],
-                      out: Path, device: torch.device) -> None:
+                      out: Path, device: torch.device, progress: Progress | None) -> Path:
     """``sample --condition``: ``--samples-per-condition`` samples of every condition map, named after it."""
     if args.condition is None:
         raise UsageError(f"this prior is conditioned on {prior.condition.kind} maps: pass them with --condition "
@@ -381,7 +406,7 @@ def sample_conditions(args: argparse.Namespace, prior: VQGANPrior, state: dict, 
     for images, conditions, labels, has_image, names in tqdm(inputs.batches(max(1, args.batch_size // per_condition)),
                                                               desc="sampling", dynamic_ncols=True):
         repeated = conditions.repeat_interleave(per_condition, dim=0)
-        _, samples = prior.sample(len(repeated), repeated, generator=generator, **settings)
+        _, samples = prior.sample(len(repeated), repeated, generator=generator, progress=progress, **settings)
         samples = samples.clamp(-1, 1).float().cpu()
         save_images(samples, out, names=repeated_names(names, per_condition))
         take = max(0, GRID_CONDITIONS - shown)
@@ -394,6 +419,7 @@ def sample_conditions(args: argparse.Namespace, prior: VQGANPrior, state: dict, 
                         inputs.num_labels, out / "grid.png")
     print(f"wrote {len(inputs) * per_condition} samples of {len(inputs)} conditions ({inputs.description}) to {out} "
           f"({out / 'grid.png'}: condition | samples{' | real image' if has_image.any() else ''})")
+    return out / "grid.png"
 
 
 def kept_rows(prior: VQGANPrior, keep: float) -> int:
@@ -407,10 +433,11 @@ def kept_rows(prior: VQGANPrior, keep: float) -> int:
     return rows
 
 
-def cmd_complete(args: argparse.Namespace) -> None:
-    device = pick_device(args.device)
+def cmd_complete(args: argparse.Namespace, loaded: LoadedPrior | None = None, progress: Progress | None = None) -> Path:
+    """``complete``; returns the grid picture's path. ``progress`` see :meth:`transformer.VQGANPrior.sample`."""
     out = output_folder(args.out)
-    prior, state = load_prior(args.checkpoint, device)
+    model = loaded_prior(args, loaded)
+    prior, state, device = model.prior, model.state, model.device
     settings = sampling_settings(prior, state, args)
     cycle = class_cycle(prior, args.classes) if args.classes is not None else None
     rows = kept_rows(prior, args.keep)
@@ -429,7 +456,8 @@ def cmd_complete(args: argparse.Namespace) -> None:
         condition = prior_condition(prior, conditions, labels, cycle, done)
         repeated = None if condition is None else condition.repeat_interleave(per_input, dim=0)
         given = indices[:, :kept].repeat_interleave(per_input, dim=0)
-        _, completions = prior.sample(len(given), repeated, given=given, generator=generator, **settings)
+        _, completions = prior.sample(len(given), repeated, given=given, generator=generator, progress=progress,
+                                      **settings)
         completions = completions.clamp(-1, 1).float().cpu()
         save_images(completions, out, names=repeated_names(names, per_input))
         take = max(0, GRID_CONDITIONS - done)
@@ -444,6 +472,7 @@ def cmd_complete(args: argparse.Namespace) -> None:
     save_grid(pictures.flatten(0, 1), out / "grid.png", nrow=pictures.shape[1])
     print(f"wrote {done * per_input} completions of {done} inputs ({inputs.description}), keeping the first {rows} "
           f"of {prior.latent_size[0]} token rows, to {out} ({out / 'grid.png'}: input | kept part | completions)")
+    return out / "grid.png"
 
 
 def load_lpips(vgg: str | None, heads: str | None, device: torch.device) -> LPIPS:
@@ -578,6 +607,110 @@ def cmd_visualize(args: argparse.Namespace) -> None:
 
 def cmd_import_taming(args: argparse.Namespace) -> None:
     print("\n".join(import_taming_checkpoint(args.checkpoint, args.out, args.resolution, args.config, args.force)))
+
+
+DEMO_EXAMPLES = 8  # test images (and condition maps) the demo page offers
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    try:
+        import gradio  # noqa: F401  (checked before the prior is loaded)
+    except ImportError as err:
+        raise UsageError(demo.INSTALL_HINT) from err
+    out = output_folder(args.out)
+    device = pick_device(args.device)
+    loaded = LoadedPrior(*load_prior(args.checkpoint, device), device)
+    page = demo.build_page(demo_model(args, loaded, out / "examples"), functools.partial(run_demo_command, loaded),
+                           out)
+    print(f"the demo page is at http://{args.host}:{args.port} (Ctrl+C stops it); runs go to {out}")
+    page.queue().launch(server_name=args.host, server_port=args.port, allowed_paths=[str(out.resolve())],
+                        show_error=True, css=demo.PAGE_CSS)
+
+
+def demo_model(args: argparse.Namespace, loaded: LoadedPrior, examples: Path) -> demo.DemoModel:
+    """What the page offers for this prior: its classes, sizes, sampling defaults and test-split examples."""
+    prior, state = loaded.prior, loaded.state
+    defaults = sampling_settings(prior, state, argparse.Namespace())
+    training_size = prior.latent_size[0] * prior.vqgan.downsample_factor
+    square = prior.latent_size[0] == prior.latent_size[1]
+    sizes = [training_size * k // 2 for k in range(2, 9)] if square else [training_size]
+    sizes = [size for size in sizes if size % prior.vqgan.downsample_factor == 0]
+    names = export_examples(loaded, examples)
+    kind = prior.condition.kind
+    classes = [str(label) for label in range(prior.num_classes)] if prior.class_conditional else []
+    if names and classes:
+        named = class_names_of(build_dataset(data_config_of(state["config"]), "test"))
+        classes = named if len(named) == len(classes) else classes
+    condition = {"none": "unconditional", "class": f"class-conditional ({prior.num_classes} classes)",
+                 "coord": "coordinate-conditioned"}.get(kind, f"{kind}-conditioned")
+    summary = (f"a {condition} prior over {prior.latent_size[0]}x{prior.latent_size[1]} codes, trained on "
+               f"{training_size}x{training_size} images")
+    return demo.DemoModel(args.checkpoint, summary, kind, classes, prior.conditional, sizes,
+                          {"temperature": defaults["temperature"], "top_k": defaults["top_k"] or 0,
+                           "top_p": defaults["top_p"] or 1.0, "cfg_scale": defaults["cfg_scale"]},
+                          examples if names else None, names, args.device)
+
+
+def export_examples(loaded: LoadedPrior, folder: Path) -> list[str]:
+    """The first test images of the prior's data (and their condition maps) as files the commands read:
+    ``folder/images/NAME.png`` and ``folder/conditions/NAME.png``. None when the data is not on this machine."""
+    prior, state = loaded.prior, loaded.state
+    try:
+        inputs = conditioned_inputs_of("test", prior, state, DEMO_EXAMPLES, need_images=True)
+        images, conditions, _, _, names = next(inputs.batches(DEMO_EXAMPLES))
+    except (DataError, ConfigError) as err:
+        print(f"note: the page offers no examples, as the prior's test data cannot be read here ({err})")
+        return []
+    save_images(images, folder / "images", names=names)
+    if prior.condition.kind in ("segmentation", "depth"):
+        (folder / "conditions").mkdir(parents=True, exist_ok=True)
+        for name, condition in zip(names, conditions):
+            save_condition_map(condition, prior.condition.kind, folder / "conditions" / f"{name}.png")
+    return list(names)
+
+
+def save_condition_map(condition: torch.Tensor, kind: str, path: Path) -> None:
+    """A segmentation map [1,H,W] as an 8-bit PNG of its labels, a depth map in [-1,1] as a 16-bit PNG."""
+    if kind == "segmentation":
+        Image.fromarray(condition[0].numpy().astype(np.uint8), mode="L").save(path)
+    else:
+        depth = ((condition[0].clamp(-1, 1) + 1) * 65535 / 2).round().numpy().astype(np.uint16)
+        Image.fromarray(depth).save(path)
+
+
+def run_demo_command(loaded: LoadedPrior, argv: list[str], every: int, preview: demo.Preview) -> Path:
+    """Run ``generate.py`` with ``argv`` (sample or complete) on the loaded prior, showing the grid every ``every``
+    tokens; errors the command line would report come back as the page's RequestError."""
+    refusal = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(refusal):
+            args = build_parser().parse_args(argv)
+    except SystemExit as err:
+        raise demo.RequestError(refusal.getvalue().strip().splitlines()[-1]) from err
+    if args.command not in ("sample", "complete"):
+        raise demo.RequestError(f"the page runs sample and complete, not {args.command}.")
+    try:
+        with torch.no_grad():
+            return args.run(args, loaded, partial_grids(loaded.prior, every, preview))
+    except (DataError, UsageError, ConfigError) as err:
+        raise demo.RequestError(str(err)) from err
+
+
+def partial_grids(prior: VQGANPrior, every: int, preview: demo.Preview) -> Progress:
+    """A sampling ``progress`` that decodes the codes drawn so far every ``every`` tokens (and at the end) and
+    passes the grid to ``preview``, the codes still to come in grey."""
+    factor = prior.vqgan.downsample_factor
+
+    def progress(codes: torch.Tensor, filled: int) -> None:
+        total = codes[0].numel()
+        if filled % every and filled != total:
+            return
+        images = decode_grid(prior.vqgan, codes, prior.latent_size).clamp(-1, 1).float().cpu()
+        drawn = (torch.arange(total) < filled).view(1, 1, *codes.shape[1:]).float()
+        images = images * drawn.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+        preview(np.asarray(grid_picture(images, nrow=min(len(images), GRID_COLUMNS))), filled, total)
+
+    return progress
 
 
 def cli_number(parse: Callable[[str], int | float], minimum: float | None = None, exclusive: bool = False,
@@ -744,6 +877,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "attention heads)")
     taming.add_argument("--force", action="store_true", help="overwrite existing output files")
     taming.set_defaults(run=cmd_import_taming)
+
+    page = commands.add_parser("demo", help="a local web page (Gradio) to sample, guide, condition and complete "
+                                            "with a stage-2 prior")
+    add_common(page, "stage-2 checkpoint (written by train_transformer.py)")
+    page.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine "
+                                                          "only; 0.0.0.0 serves the network)")
+    page.add_argument("--port", type=positive_int, default=7860, help="port (default 7860)")
+    page.add_argument("--out", default="runs/demo", help="folder of the page's runs, one numbered folder each, "
+                                                         "and its examples (default runs/demo)")
+    page.set_defaults(run=cmd_demo)
     return parser
 
 

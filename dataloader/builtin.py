@@ -106,6 +106,7 @@ class ShapesDataset(Dataset):
         self.image_size = image_size
         self.channels = channels
         self.num_classes = num_classes
+        self.class_names = list(SHAPES[:num_classes])
         self.seed = seed
         self.augment = augment
         self.segmentation = segmentation

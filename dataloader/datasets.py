@@ -82,12 +82,23 @@ def _images(cfg: DataConfig, split: str, augment: bool) -> Dataset:
     raise ValueError(f"unknown data.name {cfg.name!r}; choose one of {', '.join(NAMES)}.")
 
 
+def _base(dataset: Dataset) -> Dataset:
+    """The dataset under ``Subset`` and the condition and crop views."""
+    while isinstance(dataset, (Subset, DerivedConditions, ConditionsOnly, ImagesOnly, Crops)):
+        dataset = dataset.dataset
+    return dataset
+
+
 def num_classes_of(dataset: Dataset) -> int:
     """Number of classes of a dataset built here (looking through ``Subset`` and the condition views); 0 when it
     has none."""
-    while isinstance(dataset, (Subset, DerivedConditions, ConditionsOnly, ImagesOnly, Crops)):
-        dataset = dataset.dataset
-    return int(getattr(dataset, "num_classes", 0))
+    return int(getattr(_base(dataset), "num_classes", 0))
+
+
+def class_names_of(dataset: Dataset) -> list[str]:
+    """The names of the classes of a dataset built here (its class ids as text where it has no names)."""
+    base = _base(dataset)
+    return list(getattr(base, "class_names", None) or map(str, range(num_classes_of(base))))
 
 
 def data_settings(data: DataConfig, ignore: Sequence[str] = ()) -> dict[str, Any]:

@@ -37,7 +37,8 @@ class ArrayDataset(Dataset):
     """In-memory uint8 images ([N,H,W] or [N,H,W,C]) with labels, resized and converted on access."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, image_size: int, channels: int,
-                 num_classes: int, augment: bool = False, name: str = "arrays") -> None:
+                 num_classes: int, augment: bool = False, name: str = "arrays",
+                 class_names: list[str] | None = None) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels.")
         self.images = images
@@ -45,6 +46,7 @@ class ArrayDataset(Dataset):
         self.image_size = image_size
         self.channels = channels
         self.num_classes = num_classes
+        self.class_names = class_names or [str(label) for label in range(num_classes)]
         self.augment = augment
         self.name = name
 
@@ -154,7 +156,14 @@ def load_idx_dataset(name: str, root: str | Path, split: str, image_size: int, c
     if split == "test":
         keep = _head(len(images), eval_samples)
         images, labels = images[:keep], labels[:keep]
-    return ArrayDataset(images, labels, image_size, channels, 10, augment, f"{title} {split}")
+    return ArrayDataset(images, labels, image_size, channels, 10, augment, f"{title} {split}",
+                        _names(fetch))
+
+
+def _names(source: object) -> list[str] | None:
+    """The class names torchvision gives a dataset (``classes``), where it has them."""
+    names = getattr(source, "classes", None)
+    return list(names) if names else None
 
 
 def _missing_idx_message(name: str, title: str, root: Path, folder: str, mirror: str, download: bool,
@@ -196,7 +205,7 @@ def load_cifar10(root: str | Path, split: str, image_size: int, channels: int, d
     if not train:
         keep = _head(len(images), eval_samples)
         images, labels = images[:keep], labels[:keep]
-    return ArrayDataset(images, labels, image_size, channels, 10, augment, f"CIFAR-10 {split}")
+    return ArrayDataset(images, labels, image_size, channels, 10, augment, f"CIFAR-10 {split}", _names(data))
 
 
 def _missing_cifar_message(root: Path, fetch: type, download: bool, failure: str | None) -> str:

@@ -20,6 +20,7 @@ import pytest
 from tiny_training import REPO, STAGE1, STAGE2, script_env
 
 import benchmarks.run as bench_run
+import generate
 from benchmarks.cli import benchmark_parser
 from transformer.config import Stage2Config
 from utils.config import describe, load_config
@@ -173,6 +174,9 @@ def test_readme_commands_run(workdir):
             assert (REPO / script).is_file()
             config = command[command.index("--config") + 1]
             load_config(Stage2Config if script == "train_transformer.py" else Stage1Config, REPO / config)
+            continue
+        if command[1:3] == ["generate.py", "demo"]:  # a server: test_demo drives it in a browser; here its flags
+            generate.build_parser().parse_args(command[2:])
             continue
         if command[:3] == ["python", "-m", "benchmarks.run"]:  # test_fast_paths runs it whole; here its flags
             benchmark_parser(bench_run.__doc__).parse_args(command[3:])

@@ -200,6 +200,22 @@ def test_a_prior_samples_a_larger_grid(condition):
     assert torch.equal(indices, again)
 
 
+@pytest.mark.parametrize("grid, given", [((3, 3), 0), ((5, 7), 0), ((5, 7), 9)])
+def test_progress_sees_every_code_as_it_is_drawn_without_changing_them(grid, given):
+    prior = tiny_prior("class")
+    kept = torch.randint(K, (2, given), generator=torch.Generator().manual_seed(3)) if given else None
+    seen = []
+    indices, _ = prior.sample(2, [0, 2], given=kept, grid=grid, generator=torch.Generator().manual_seed(1),
+                              progress=lambda codes, filled: seen.append((codes.clone(), filled)))
+    plain, _ = prior.sample(2, [0, 2], given=kept, grid=grid, generator=torch.Generator().manual_seed(1))
+    total = grid[0] * grid[1]
+    assert torch.equal(indices, plain)
+    assert [filled for _, filled in seen] == list(range(given + 1, total + 1))
+    for codes, filled in seen:
+        assert codes.shape == (2, *grid)
+        assert torch.equal(codes.flatten(1)[:, :filled], indices.flatten(1)[:, :filled])
+
+
 def test_map_conditions_are_cropped_with_the_window():
     prior = tiny_prior("segmentation")
     maps = torch.rand(1, 1, 10, 14) * 2 - 1

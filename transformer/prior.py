@@ -33,7 +33,7 @@ from torch import nn
 from transformer.conditions import MAP_KINDS, Condition, ConditionKind, build_condition
 from transformer.gpt import GPT
 from transformer.sampling import SamplingConfig
-from transformer.window import sample_windowed
+from transformer.window import Progress, sample_windowed
 from utils.checkpoint import CheckpointError, load_state_dict_checked
 from utils.config import option
 from vqgan.tiled_decode import decode_grid
@@ -318,7 +318,7 @@ class VQGANPrior(nn.Module):
                top_k: int | None = SamplingConfig.top_k, top_p: float | None = SamplingConfig.top_p,
                cfg_scale: float = SamplingConfig.cfg_scale, compile: bool = SamplingConfig.compile,
                window_caches: int = SamplingConfig.window_caches, generator: torch.Generator | None = None,
-               batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               batch_size: int | None = None, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``num`` code grids and decode them: (indices [N, H, W], images [N, C, H*f, W*f]).
 
         ``grid``: the (rows, columns) of codes to sample, at least the training grid (the default); a larger
@@ -330,7 +330,8 @@ class VQGANPrior(nn.Module):
         is sampled. ``cfg_scale`` mixes the conditional and null-condition predictions (classifier-free
         guidance); ``compile`` decodes with the compiled one-token step (see
         :func:`transformer.sampling.sample_tokens`); ``window_caches`` see :func:`transformer.window.sample_windowed`.
-        Samples are drawn ``batch_size`` (default: all) at a time.
+        Samples are drawn ``batch_size`` (default: all) at a time. ``progress(codes, filled)`` is called after every
+        sampled code with the batch's codes so far [b, H, W], of which the first ``filled`` in raster order are final.
         """
         grid = self.latent_size if grid is None else self.check_grid(grid)
         total = grid[0] * grid[1]
@@ -350,8 +351,14 @@ class VQGANPrior(nn.Module):
             codes = None if given is None else given[start:start + b].to(device).long()
             tokens = sample_windowed(self.gpt, prefix, grid, self.latent_size, given=codes, uncond_prefix=uncond,
                                      temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                                     compile=compile, generator=generator, window_caches=window_caches)
+                                     compile=compile, generator=generator, window_caches=window_caches,
+                                     progress=None if progress is None else grid_progress(progress, grid))
             indices = tokens.view(b, *grid)
             all_indices.append(indices)
             all_images.append(decode_grid(self.vqgan, indices, self.latent_size))
         return torch.cat(all_indices), torch.cat(all_images)
+
+
+def grid_progress(progress: Progress, grid: tuple[int, int]) -> Progress:
+    """``progress`` called with the codes as grids [B, H, W] rather than raster sequences [B, H*W]."""
+    return lambda codes, filled: progress(codes.view(-1, *grid), filled)

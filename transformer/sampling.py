@@ -154,12 +154,17 @@ Feed = Callable[[torch.Tensor], torch.Tensor]
 
 
 def draw_tokens(logits: torch.Tensor, num_tokens: int, feed: Feed, *, temperature: float, top_k: int | None,
-                top_p: float | None, cfg_scale: float | None, generator: torch.Generator | None) -> torch.Tensor:
+                top_p: float | None, cfg_scale: float | None, generator: torch.Generator | None,
+                out: torch.Tensor | None = None, drawn: Callable[[int], None] | None = None) -> torch.Tensor:
     """``num_tokens`` tokens [B, num_tokens]: the first drawn from the next-token ``logits``, each later one from the
     logits ``feed`` returns for the token before it. With ``cfg_scale`` the rows of ``logits`` are the conditional
-    batch then the unconditional one, mixed before each draw, and ``feed`` gets every token for both."""
+    batch then the unconditional one, mixed before each draw, and ``feed`` gets every token for both.
+
+    The tokens are written into ``out`` [B, num_tokens] (a view of a larger grid, say) when given, and ``drawn(i)``
+    is called once the first ``i`` of them are there."""
     batch = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
-    out = torch.empty(batch, num_tokens, dtype=torch.long, device=logits.device)
+    if out is None:
+        out = torch.empty(batch, num_tokens, dtype=torch.long, device=logits.device)
     for i in range(num_tokens):
         scores = logits.float()
         if cfg_scale is not None:
@@ -167,6 +172,8 @@ def draw_tokens(logits: torch.Tensor, num_tokens: int, feed: Feed, *, temperatur
             scores = uncond + cfg_scale * (cond - uncond)
         token = next_tokens(scores, temperature, top_k, top_p, generator)
         out[:, i:i + 1] = token
+        if drawn is not None:
+            drawn(i + 1)
         if i + 1 < num_tokens:
             logits = feed(token.repeat(2, 1) if cfg_scale is not None else token)
     return out

@@ -23,12 +23,15 @@ When the grid equals the window there is a single run, and this is plain samplin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 from transformer.gpt import GPT, KVCache
 from transformer.sampling import SamplingConfig, cached_feed, check_sampling_options, draw_tokens, eval_mode
+
+Progress = Callable[[torch.Tensor, int], None]
 
 
 def window_start(index: int, size: int, window: int) -> int:
@@ -80,7 +83,8 @@ def sample_windowed(gpt: GPT, prefix: torch.Tensor, grid: tuple[int, int], windo
                     temperature: float = SamplingConfig.temperature, top_k: int | None = SamplingConfig.top_k,
                     top_p: float | None = SamplingConfig.top_p, cfg_scale: float = SamplingConfig.cfg_scale,
                     compile: bool = SamplingConfig.compile, generator: torch.Generator | None = None,
-                    window_caches: int = SamplingConfig.window_caches) -> torch.Tensor:
+                    window_caches: int = SamplingConfig.window_caches,
+                    progress: Progress | None = None) -> torch.Tensor:
     """Sample a ``grid`` (H, W) of codes [B, H*W] with a GPT trained on ``window`` (h, w) grids.
 
     ``prefix``: the tokens before the codes, [B, L] for every window (a class or start token), or [B, H, W]
@@ -90,6 +94,8 @@ def sample_windowed(gpt: GPT, prefix: torch.Tensor, grid: tuple[int, int], windo
     ``window_caches``: how many KV caches of windows that will be used again (the first and last rows') are kept
     rather than recomputed; each holds ``B x n_layer x 2 x block_size x n_embd`` values. Sampling options as in
     :func:`transformer.sampling.sample_tokens`, whose tokens these are when the grid is the window.
+    ``progress(codes, filled)`` is called after every sampled code with the grid so far [B, H*W], whose first
+    ``filled`` codes in raster order are final (for a picture that fills in while it is sampled).
     """
     (height, width), (h, w) = grid, window
     batch = prefix.shape[0]
@@ -126,8 +132,10 @@ def sample_windowed(gpt: GPT, prefix: torch.Tensor, grid: tuple[int, int], windo
             length = sequence.shape[1]
             logits = gpt.forward_at(sequence[:, cached:], torch.arange(cached, length, device=sequence.device), cache,
                                     last_only=True, prefill=cached == 0)[:, -1]
-            tokens = draw_tokens(logits, run.count, cached_feed(gpt, cache, length, compile), **options)
-            codes.view(batch, -1)[:, run.first:run.first + run.count] = tokens
+            flat = codes.view(batch, -1)
+            drawn = None if progress is None else lambda i, first=run.first: progress(flat, first + i)
+            draw_tokens(logits, run.count, cached_feed(gpt, cache, length, compile),
+                        out=flat[:, run.first:run.first + run.count], drawn=drawn, **options)
             caches.give_back(key, cache, length + run.count - 1, reused=last_run[key] > k)
     return codes.view(batch, -1)
 

@@ -61,14 +61,19 @@ def image_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image
     return Image.fromarray(grid)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int, min_size: int = 256) -> None:
-    """Save an image grid, upscaled with nearest neighbours so small images stay visible."""
+def grid_picture(images: torch.Tensor, nrow: int, min_size: int = 256) -> Image.Image:
+    """An image grid, upscaled with nearest neighbours so small images stay visible."""
     grid = image_grid(images, nrow)
     scale = max(1, math.ceil(min_size / max(grid.size)))
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, min_size: int = 256) -> None:
+    """Save :func:`grid_picture` of ``images``."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    grid_picture(images, nrow, min_size).save(path)
 
 
 def save_reconstruction_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, path: str | Path) -> None:
