@@ -62,7 +62,7 @@ def _images(cfg: DataConfig, split: str, augment: bool) -> Dataset:
     if cfg.name == "builtin":
         length = cfg.num_samples if split == "train" else cfg.eval_samples or max(1, cfg.num_samples // 10)
         return ShapesDataset(length, cfg.image_size, cfg.channels, cfg.num_classes, BUILTIN_SEEDS[split], augment,
-                             segmentation=cfg.condition == "segmentation")
+                             segmentation=cfg.condition == "segmentation", scene=cfg.scene)
     if cfg.name in ("mnist", "fashion_mnist"):
         return load_idx_dataset(cfg.name, cfg.root, split, cfg.image_size, cfg.channels, cfg.download,
                                 cfg.eval_samples, augment)

@@ -82,6 +82,30 @@ def test_builtin_scene_does_not_depend_on_resolution():
     assert (pooled - small).abs().mean() < 0.05
 
 
+def test_scattered_scenes_are_the_pictures_they_always_were():
+    """The README's segmentation and landscape figures were drawn from these scenes: they must not change."""
+    scenes = ShapesDataset(20, 16, 3, 10, seed=0, segmentation=True)
+    for index, pixel_sum, covered in ((0, 321.635953, 54), (5, -339.683419, 336), (13, 390.768432, 100)):
+        image, mask, _ = scenes[index]
+        assert float(image.double().sum()) == pytest.approx(pixel_sum, abs=1e-4)
+        assert int(mask.sum()) == covered  # the label (index mod 10, plus 1) on every covered pixel
+
+
+def test_centred_scenes_hold_one_shape_near_the_centre_on_a_flat_palette_background():
+    scenes = ShapesDataset(40, 32, 3, 10, seed=0, segmentation=True, scene="centred")
+    for index in range(40):
+        image, mask, label = scenes[index]
+        covered = mask[0] > 0
+        assert set(mask.unique().tolist()) == {0, label + 1}
+        rows, columns = torch.nonzero(covered, as_tuple=True)
+        middle = torch.stack([rows.min() + rows.max(), columns.min() + columns.max()]).float() / 2 / 31
+        assert (middle - 0.5).abs().max() < 0.15  # jitter 0.08, plus the tilt and the shape's own asymmetry
+        assert 0.08 < covered.float().mean() < 0.6
+        background = image[:, ~covered]
+        assert (background.std(dim=1) < 0.25).all()  # a ramp, no texture
+    assert not torch.equal(ShapesDataset(4, 16, scene="centred")[1][0], ShapesDataset(4, 16)[1][0])
+
+
 def test_builtin_is_fast_enough():
     ds = ShapesDataset(200, 32)
     start = time.perf_counter()
@@ -97,6 +121,8 @@ def test_builtin_rejects_bad_arguments():
         ShapesDataset(10, 32, channels=2)
     with pytest.raises(ValueError, match="length"):
         ShapesDataset(0, 32)
+    with pytest.raises(ValueError, match="data.scene must be one of scattered, centred"):
+        ShapesDataset(10, 32, scene="crowded")
 
 
 def test_build_dataset_rejects_bad_config():

@@ -62,6 +62,9 @@ class DataConfig:
     skip_bad_images: bool = option(False, "folder datasets: skip unreadable images with a warning instead of failing")
     num_samples: int = option(20000, "builtin dataset: number of training images")
     num_classes: int = option(10, "builtin dataset: number of classes")
+    scene: Literal["scattered", "centred"] = option(
+        "scattered", "builtin dataset: scattered (1-3 objects anywhere, random colours, textured backgrounds) or "
+                     "centred (one upright object near the centre, eight hues, flat backgrounds)")
     eval_samples: int = option(2000, "number of held-out images used for evaluation")
     condition: Literal["none", "segmentation", "depth", "lowres", "coord"] = option(
         "none", "condition map each image comes with: none, segmentation (label maps), depth, lowres (the image at "
