@@ -645,7 +645,7 @@ def demo_model(args: argparse.Namespace, loaded: LoadedPrior, examples: Path) ->
                  "coord": "coordinate-conditioned"}.get(kind, f"{kind}-conditioned")
     summary = (f"a {condition} prior over {prior.latent_size[0]}x{prior.latent_size[1]} codes, trained on "
                f"{training_size}x{training_size} images")
-    return demo.DemoModel(args.checkpoint, summary, kind, classes, prior.conditional, sizes,
+    return demo.DemoModel(args.checkpoint, summary, kind, kind in MAP_KINDS, classes, prior.conditional, sizes,
                           {"temperature": defaults["temperature"], "top_k": defaults["top_k"] or 0,
                            "top_p": defaults["top_p"] or 1.0, "cfg_scale": defaults["cfg_scale"]},
                           examples if names else None, names, args.device)

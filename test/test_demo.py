@@ -68,7 +68,7 @@ def test_the_page_offers_what_the_prior_takes(ckpts: Checkpoints, tmp_path: Path
     maps = tmp_path / "s" / "examples" / "conditions"
     labels = np.asarray(Image.open(maps / "000000.png"))
     assert labels.dtype == np.uint8 and labels.shape == (16, 16) and 0 < labels.max() < 11
-    assert segmentation.condition == "segmentation"
+    assert segmentation.condition == "segmentation" and segmentation.maps and not classes.maps
 
 
 def test_each_click_runs_the_command_it_shows(ckpts: Checkpoints, tmp_path: Path) -> None:  # noqa: F811

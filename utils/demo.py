@@ -28,7 +28,6 @@ INSTALL_HINT = ("the demo page needs Gradio, an optional dependency: pip install
                 "(in the environment that runs generate.py).")
 EVERY_CLASS = "every class in turn"
 NO_EXAMPLE = "(none)"
-MAP_KINDS = ("segmentation", "depth", "lowres")
 MAX_SAMPLES = 16
 PAGE_CSS = "#grid img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
@@ -47,6 +46,7 @@ class DemoModel:
     checkpoint: str
     summary: str
     condition: str  # the prior's condition kind: none, class, segmentation, depth, lowres or coord
+    maps: bool  # the prior samples from condition maps (segmentation, depth or low-res images)
     classes: list[str]  # names of the classes of a class-conditional prior, else empty
     guided: bool  # classifier-free guidance applies (a conditional prior)
     sizes: list[int]  # output sizes in pixels, the training size first
@@ -106,12 +106,12 @@ def command(model: DemoModel, request: Request, folder: Path) -> list[str]:
     if request.mode == "complete":
         if model.classes and request.class_name == EVERY_CLASS:
             raise RequestError("completion of a class-conditional prior needs one class: choose it in the class list.")
-        _copy_image(model, request.image_upload, request.image_example, inputs, "image to complete")
+        _copy_image(model, request.image_upload, request.image_example, inputs)
         return argv + ["--input", str(inputs), "--keep", _number(request.keep), "--samples-per-input",
                        str(request.num)]
     if request.size != model.sizes[0]:
         argv += ["--size", str(request.size)]
-    if model.condition in MAP_KINDS:
+    if model.maps:
         _copy_condition(model, request, inputs)
         return argv + ["--condition", str(inputs), "--samples-per-condition", str(request.num)]
     return argv + ["--num", str(request.num)]
@@ -131,22 +131,22 @@ def _copy_condition(model: DemoModel, request: Request, inputs: Path) -> None:
         raise RequestError(f"this prior samples from {model.condition} maps: upload one, or choose an example.")
 
 
-def _copy_image(model: DemoModel, upload: str | None, example: str, inputs: Path, what: str) -> None:
+def _copy_image(model: DemoModel, upload: str | None, example: str, inputs: Path) -> None:
     """The image to complete, in ``inputs``: in ``inputs/images`` for a map prior (whose map goes beside it), else
     directly in ``inputs``."""
     if upload:
-        _copy_upload(Path(upload), inputs / "images" if model.condition in MAP_KINDS else inputs)
+        _copy_upload(Path(upload), inputs / "images" if model.maps else inputs)
     elif example != NO_EXAMPLE:
         _copy_example(model, example, inputs)
     else:
-        raise RequestError(f"upload the {what}, or choose an example.")
+        raise RequestError("upload the image to complete, or choose an example.")
 
 
 def _copy_example(model: DemoModel, name: str, inputs: Path) -> None:
     if model.examples is None or name not in model.example_names:
         raise RequestError(f"unknown example {name!r}; choose one of the list.")
     image = model.examples / "images" / f"{name}.png"
-    _copy(image, inputs / "images" if model.condition in MAP_KINDS else inputs, name)
+    _copy(image, inputs / "images" if model.maps else inputs, name)
     condition = model.examples / "conditions" / f"{name}.png"
     if condition.is_file():
         _copy(condition, inputs / "conditions", name)
@@ -224,7 +224,6 @@ def build_page(model: DemoModel, runner: Runner, out: Path) -> Any:
     """The Gradio page (``gradio.Blocks``) for ``model``; each click runs one command through ``runner``."""
     import gradio as gr
 
-    maps = model.condition in MAP_KINDS
     examples = [NO_EXAMPLE, *model.example_names]
     with gr.Blocks(title="VQGAN demo", analytics_enabled=False) as page:
         gr.Markdown(f"## VQGAN prior demo\n`{model.checkpoint}`: {model.summary}")
@@ -240,10 +239,10 @@ def build_page(model: DemoModel, runner: Runner, out: Path) -> Any:
                     size = gr.Dropdown(model.sizes, value=model.sizes[0], label="output size in pixels (beyond the "
                                        "training size the window slides)", elem_id="size")
                     condition_upload = gr.File(label=f"{model.condition} map (PNG)", type="filepath",
-                                               visible=maps, elem_id="condition_upload")
-                    condition_example = gr.Dropdown(examples, value=examples[1] if maps and len(examples) > 1
+                                               visible=model.maps, elem_id="condition_upload")
+                    condition_example = gr.Dropdown(examples, value=examples[1] if model.maps and len(examples) > 1
                                                     else NO_EXAMPLE, label=f"or a {model.condition} map of the "
-                                                    "test split", visible=maps, elem_id="condition_example")
+                                                    "test split", visible=model.maps, elem_id="condition_example")
                     sample_button = gr.Button("Sample", variant="primary", elem_id="sample")
                 with gr.Tab("Complete"):
                     image_upload = gr.File(label="image to complete", type="filepath", elem_id="image_upload")
