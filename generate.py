@@ -328,6 +328,10 @@ def cmd_sample(args: argparse.Namespace, loaded: LoadedPrior | None = None, prog
         fid, n_reference = generation_fid(features, loader, inception, total=len(loader))
         metrics.update(reference=reference.description, n_reference=n_reference, fid=fid)
     if judge is not None:
+        tests = input_images("test", prior.vqgan, state).loader(args.batch_size)
+        batches = reconstruct_batches(prior.vqgan, tqdm(tests, desc="judging reconstructions", dynamic_ncols=True),
+                                      device)
+        judge.read_reconstructions((reconstructions, labels) for _, labels, _, reconstructions in batches)
         metrics.update(judge.result())
     metrics.update(seed=args.seed, **settings)
     report(metrics, out, "sample metrics")

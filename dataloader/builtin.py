@@ -79,7 +79,7 @@ _SDF: dict[str, Sdf] = {
     "frame": lambda u, v, r: np.maximum(_box(u, v, 0.85 * r, 0.85 * r), -_box(u, v, 0.5 * r, 0.5 * r)),
 }
 _UPRIGHT = {"square", "diamond", "frame"}
-RENDER_VERSION = 2  # raised whenever the pictures change: caches of results computed from them are keyed by it
+RENDER_VERSION = 3  # raised whenever the pictures change: caches of results computed from them are keyed by it
 SCENES = ("scattered", "centred")
 
 # Centred scenes: the hues of the background and the object, and their brightness (luma) on either side.
@@ -90,6 +90,9 @@ BACKGROUND_RAMP = 0.2  # brightness change across the image along the background
 CENTRE_JITTER = 0.08  # the object's centre is within this (image widths) of the image's centre
 CENTRED_RADIUS = (0.28, 0.38)  # image widths
 TILT = 0.3  # radians either way: the upright shapes in scattered scenes, every shape in centred ones
+# Period of the stripes and checkers, in object radii. A centred checker has cells of about 5 pixels at 32x32, so that
+# an 8x8 token grid can still tell it from a plain square.
+PATTERN_PERIOD = {"scattered": {"stripes": 0.57, "checker": 0.57}, "centred": {"stripes": 0.57, "checker": 1.0}}
 
 
 def _with_luma(rgb: np.ndarray, target: float) -> np.ndarray:
@@ -233,7 +236,7 @@ class ShapesDataset(Dataset):
         fill = colour * shade[..., None]
         if shape in ("stripes", "checker"):
             other = second()
-            period = 0.57 * radius
+            period = PATTERN_PERIOD[self.scene][shape] * radius
             pixels_per_period = period * self.image_size
             across = _pattern(2 * math.pi * u / period, pixels_per_period)
             mix = across

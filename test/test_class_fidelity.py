@@ -8,12 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
 from dataloader import build_dataset, num_classes_of
 from utils.config import DataConfig
-from utils.evaluation.class_fidelity import FidelityTally, JudgeSettings, cached_judge, nearest_distances, train_judge
+from utils.evaluation.class_fidelity import (
+    FidelityTally,
+    JudgeSettings,
+    cached_judge,
+    nearest_distances,
+    random_blur,
+    train_judge,
+)
 
 CLASSES = 4
 SIDE = 8
@@ -72,6 +80,28 @@ def test_copies_of_training_images_are_near_copies_and_new_images_are_not(judged
     fresh = quadrants(200, seed=3)
     assert tally_of(judged, fresh, fresh.tensors[1])["near_copy_rate"] <= 0.2
     assert copies["near_copy_threshold"] == judged["copy_threshold"] > 0
+
+
+def test_reconstructions_read_right_give_the_ceiling_of_class_fidelity(judged: dict) -> None:
+    fresh = quadrants(100, seed=4)
+    images, labels = fresh.tensors
+    tally = FidelityTally(judged, CPU)
+    tally.update(images, labels)
+    assert "judge_reconstruction_accuracy" not in tally.result()
+    tally.read_reconstructions([(images[:60], labels[:60]), (images[60:], labels[60:])])
+    assert tally.result()["judge_reconstruction_accuracy"] >= 0.95
+    tally.read_reconstructions([(images, (labels + 1) % CLASSES)])
+    assert tally.result()["judge_reconstruction_accuracy"] <= 0.05
+
+
+def test_random_blur_is_a_gaussian_of_its_own_sigma_for_each_image() -> None:
+    images = torch.rand(3, 2, 16, 16)
+    sigmas = torch.rand(3, generator=torch.Generator().manual_seed(7)) * 1.5
+    blurred = random_blur(images, 1.5, torch.Generator().manual_seed(7))
+    for image, sigma, result in zip(images, sigmas, blurred):
+        expected = TF.gaussian_blur(image, kernel_size=7, sigma=sigma.item())
+        torch.testing.assert_close(result[:, 3:-3, 3:-3], expected[:, 3:-3, 3:-3])  # the borders pad differently
+    assert random_blur(images, 0.0, torch.Generator()) is images
 
 
 def test_nearest_distances_agree_with_a_plain_search() -> None:

@@ -368,6 +368,7 @@ def test_sample_reports_class_fidelity_and_caches_the_judge(ckpts: Checkpoints, 
     assert first == second
     assert first["n_samples"] == 10 and 0 <= first["class_fidelity"] <= 1 and 0 <= first["near_copy_rate"] <= 1
     assert set(first["per_class_fidelity"]) == {str(c) for c in range(10)}
+    assert 0 <= first["judge_reconstruction_accuracy"] <= 1
     assert "fid" not in first
 
 

@@ -3,7 +3,9 @@
 A small classifier, the *judge*, is trained once on the real training split of a labelled dataset. It then reads
 generated images: the class fidelity of class ``c`` is the share of the samples asked for ``c`` that it reads as
 ``c`` (the classification accuracy score of generated images). Its accuracy on the real test split says how far to
-trust it.
+trust it. Generated images are never sharper than the tokenizer's reconstructions, so the judge trains on real
+images blurred by a random amount (``blur``): it learns to read the shape, not the crispness of its edges, and a
+soft but clear cross still counts as a cross.
 
 The judge's penultimate features (L2-normalised) also measure memorisation. Every real test image has a nearest
 training image; the ``copy_quantile`` of those distances (5% by default) is the near-copy threshold. A sample
@@ -16,9 +18,10 @@ weights, its settings, the features of the training images and the test figures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,7 @@ class JudgeSettings:
     weight_decay: float = 1e-4
     seed: int = 0
     copy_quantile: float = 0.05
+    blur: float = 1.0  # each training image is blurred with a Gaussian of a sigma (pixels) drawn from [0, blur]
 
 
 class ClassJudge(nn.Module):
@@ -72,6 +76,22 @@ def _images_and_labels(batch: list | tuple) -> tuple[torch.Tensor, torch.Tensor]
     return batch[0], torch.as_tensor(batch[-1])
 
 
+def random_blur(images: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """``images`` [N, C, H, W], each blurred by a Gaussian of its own sigma, uniform in [0, max_sigma] pixels."""
+    if max_sigma <= 0:
+        return images
+    n, c, h, w = images.shape
+    radius = math.ceil(2 * max_sigma)
+    sigma = (torch.rand(n, generator=generator) * max_sigma).clamp(min=1e-3)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernels = torch.exp(-0.5 * (offsets / sigma[:, None]) ** 2)
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0).to(images)
+    flat = images.reshape(1, n * c, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernels[:, None, None, :], groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernels[:, None, :, None], groups=n * c)
+    return flat.reshape(n, c, h, w)
+
+
 def _train(model: ClassJudge, train_set: Dataset, settings: JudgeSettings, device: torch.device,
            num_workers: int) -> None:
     generator = torch.Generator().manual_seed(settings.seed)
@@ -85,7 +105,8 @@ def _train(model: ClassJudge, train_set: Dataset, settings: JudgeSettings, devic
         while step < settings.steps:
             for batch in loader:
                 images, labels = _images_and_labels(batch)
-                loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+                images = random_blur(images.to(device), settings.blur, generator)
+                loss = F.cross_entropy(model(images), labels.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -174,6 +195,7 @@ class FidelityTally:
         self.requested: list[torch.Tensor] = []
         self.predicted: list[torch.Tensor] = []
         self.nearest: list[torch.Tensor] = []
+        self.reconstruction_accuracy: float | None = None
 
     def update(self, images: torch.Tensor, requested: torch.Tensor) -> None:
         """Judge samples [N, C, H, W] in [-1, 1] that were asked for classes ``requested`` [N]."""
@@ -181,6 +203,17 @@ class FidelityTally:
         self.requested.append(requested.cpu())
         self.predicted.append(predicted.cpu())
         self.nearest.append(nearest_distances(features, self.bank))
+
+    def read_reconstructions(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Judge the tokenizer's reconstructions of real images, batches of (images [N, C, H, W] in [-1, 1], true
+        labels [N]). Their accuracy is the ceiling of class fidelity: a prior can draw its classes no more clearly
+        than its tokenizer can reproduce real ones."""
+        hits, total = 0, 0
+        for images, labels in batches:
+            predicted, _ = self.judge.read(images.to(self.device, torch.float32))
+            hits += (predicted.cpu() == labels.cpu()).sum().item()
+            total += len(labels)
+        self.reconstruction_accuracy = hits / total
 
     def result(self) -> dict:
         """Class fidelity (all samples and per class), near-copy rate and the judge's own figures."""
@@ -190,4 +223,6 @@ class FidelityTally:
         return {"class_fidelity": hits.mean().item(), "per_class_fidelity": per_class,
                 "near_copy_rate": (torch.cat(self.nearest) < self.state["copy_threshold"]).float().mean().item(),
                 "near_copy_threshold": self.state["copy_threshold"],
-                "judge_test_accuracy": self.state["test_accuracy"], "judge_n_test": self.state["n_test"]}
+                "judge_test_accuracy": self.state["test_accuracy"], "judge_n_test": self.state["n_test"],
+                **({} if self.reconstruction_accuracy is None else
+                   {"judge_reconstruction_accuracy": self.reconstruction_accuracy})}
